@@ -1,0 +1,1 @@
+"""scp-jax: vmapped Flax ensembles for single-cell perturbation prediction."""
