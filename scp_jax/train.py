@@ -1,0 +1,137 @@
+"""`python -m scp_jax.train`: train a vmapped ensemble, cross-validate it, write a submission.
+
+Flags are shorthands for config keys (`--ensemble 20` is `--set ensemble=20`), so the resolved
+`config.toml` in the run dir is always the whole truth about a run.
+"""
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scp_jax.atomic import write_text
+from scp_jax.config import load_config, to_toml
+from scp_jax.errors import UserError, cli_main
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+FLAG_KEYS = {"ensemble": "ensemble", "epochs": "epochs", "seed": "seed", "data": "data.train", "id_map": "data.id_map"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m scp_jax.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML config (default: configs/default.toml)")
+    parser.add_argument("--ensemble", type=int, help="number of members (seeds x folds)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--data", help="de_train.parquet (default: the built-in synthetic world)")
+    parser.add_argument("--id-map", help="id_map.csv (default: the one beside --data)")
+    parser.add_argument("--out", help="run dir (default: runs/<timestamp>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args):
+    overrides = [f"{key}={json.dumps(str(value)) if isinstance(value, str) else value}"
+                 for flag, key in FLAG_KEYS.items() if (value := getattr(args, flag)) is not None]
+    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    return load_config(config_path, overrides + args.set)
+
+
+def resolve_inputs(config):
+    """Paths of the training parquet and id map; the synthetic world when no data is given."""
+    if config.data.train:
+        train_path = Path(config.data.train)
+    else:
+        from scp_jax.data.synth import default_world
+
+        train_path = default_world(genes=config.data.synth_genes, seed=config.data.synth_seed) / "de_train.parquet"
+    id_map_path = Path(config.data.id_map) if config.data.id_map else train_path.with_name("id_map.csv")
+    if config.data.id_map and not id_map_path.exists():
+        raise UserError(f"{id_map_path}: id map not found")
+    return train_path, id_map_path if id_map_path.exists() else None
+
+
+def prepare_run_dir(out):
+    """Create the run dir and prove it is writable before any training time is spent."""
+    run_dir = Path(out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir}: run dir already holds files; pick another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"\0" * 1024)
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{run_dir}: run dir is not writable ({err.strerror})") from None
+    return run_dir
+
+
+class ChunkLog:
+    """Appends one metrics.jsonl line per epoch and prints one progress line per chunk."""
+
+    def __init__(self, path, config):
+        self.path, self.config = path, config
+        self.path.touch()
+
+    def __call__(self, epoch, metrics, seconds):
+        n_epochs, n_members = metrics["val_mrrmse"].shape[1], metrics["val_mrrmse"].shape[0]
+        with self.path.open("a") as f:
+            for i in range(n_epochs):
+                line = {"epoch": epoch - n_epochs + i + 1}
+                line.update({name: np.round(values[:, i], 6).tolist() for name, values in metrics.items()})
+                f.write(json.dumps(line) + "\n")
+        last = metrics["val_mrrmse"][:, -1]
+        print(
+            f"epoch {epoch:4d}/{self.config.epochs}  val MRRMSE best {np.nanmin(last):.4f} mean {np.nanmean(last):.4f}"
+            f"  train loss {np.nanmean(metrics['train_loss'][:, -1]):.4f}"
+            f"  {n_members * n_epochs / seconds:8.1f} member-epochs/s",
+            flush=True,
+        )
+
+
+def cv_report(config, result):
+    return {
+        "scheme": "kfold",
+        "folds": config.folds,
+        "ensemble_cv_mrrmse": result.ensemble_cv,
+        "baselines_cv_mrrmse": result.baseline_cv,
+        "members": [
+            dict(row, cv_mrrmse=float(score), best_epoch=int(epoch))
+            for row, score, epoch in zip(result.members.rows(), result.member_cv, result.best_epoch)
+        ],
+    }
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    config = resolve_config(args)
+    from scp_jax.data.dataset import load_id_map, load_train, write_submission
+    from scp_jax.engine.trainer import train_ensemble
+
+    train_path, id_map_path = resolve_inputs(config)
+    train = load_train(train_path)
+    queries = load_id_map(id_map_path, train) if id_map_path else None
+    run_dir = prepare_run_dir(args.out)
+    write_text(run_dir / "config.toml", to_toml(config))
+    print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes, {config.ensemble} members")
+
+    start = time.perf_counter()
+    result = train_ensemble(config, train, queries, on_chunk=ChunkLog(run_dir / "metrics.jsonl", config))
+    report = cv_report(config, result)
+    write_text(run_dir / "cv.json", json.dumps(report, indent=2) + "\n")
+    if queries is not None:
+        write_submission(run_dir / "submission.csv", queries.ids, train.genes, result.test_predictions)
+    best_baseline = min(result.baseline_cv, key=result.baseline_cv.get)
+    print(
+        f"CV MRRMSE ensemble {result.ensemble_cv:.4f} | zeros {result.baseline_cv['zeros']:.4f}"
+        f" | best baseline {best_baseline} {result.baseline_cv[best_baseline]:.4f}"
+        f" | {time.perf_counter() - start:.1f} s -> {run_dir}"
+    )
+
+
+if __name__ == "__main__":
+    main()
