@@ -256,10 +256,20 @@ def pool(hidden, attention_mask, pooling):
     return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode(graphdef, params, input_ids, attention_mask):
+    return nnx.merge(graphdef, params)(input_ids, attention_mask)
+
+
+def last_hidden_state(encoder, input_ids, attention_mask):
+    """Jitted forward pass: [batch, length, hidden] (eager NNX dispatches op by op, which is far slower)."""
+    graphdef, params = nnx.split(encoder)
+    return _encode(graphdef, params, jnp.asarray(input_ids), jnp.asarray(attention_mask))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
 def _embed_batch(graphdef, params, input_ids, attention_mask, pooling):
-    hidden = nnx.merge(graphdef, params)(input_ids, attention_mask)
-    return pool(hidden, attention_mask, pooling)
+    return pool(_encode(graphdef, params, input_ids, attention_mask), attention_mask, pooling)
 
 
 def padded_length(length, max_tokens, smallest=16):
