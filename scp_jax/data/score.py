@@ -1,0 +1,95 @@
+"""Score a submission on a synthetic world against its hidden truth, next to baselines and the oracle."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from scp_jax import metrics
+from scp_jax.data.dataset import load_id_map, load_train
+from scp_jax.errors import UserError
+
+
+def _read_answers(path, genes, ids):
+    """Hidden answer file (id + genes), rows aligned to `ids`."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (is this a synthetic world?)")
+    table = pq.ParquetFile(path).read()
+    order = pd.Index(table.column("id").to_numpy()).get_indexer(ids)
+    return np.stack([table.column(g).to_numpy() for g in genes], axis=1)[order]
+
+
+def read_submission(path, ids, genes):
+    """Read a submission CSV and return its predictions [ids, genes] in the given order."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a readable CSV file ({str(err).strip().splitlines()[0]})") from None
+    if "id" not in frame.columns:
+        raise UserError(f"{path}: missing column 'id'")
+    missing = [g for g in genes if g not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing {len(missing)} gene column(s), first '{missing[0]}'")
+    extra = [c for c in frame.columns if c != "id" and c not in set(genes)]
+    if extra:
+        raise UserError(f"{path}: unexpected column '{extra[0]}' (not a training gene)")
+    duplicated = frame["id"].duplicated().to_numpy()
+    if duplicated.any():
+        raise UserError(f"{path}: duplicate id {frame['id'].iloc[int(np.flatnonzero(duplicated)[0])]!r}")
+    position = pd.Index(frame["id"]).get_indexer(ids)
+    if (position < 0).any():
+        raise UserError(f"{path}: id {ids[int(np.flatnonzero(position < 0)[0])]!r} from id_map is missing")
+    if len(frame) != len(ids):
+        unknown = frame["id"][~frame["id"].isin(ids)].iloc[0]
+        raise UserError(f"{path}: id {unknown!r} is not in id_map")
+    values = frame[list(genes)]
+    non_numeric = [g for g, kind in values.dtypes.items() if not pd.api.types.is_numeric_dtype(kind)]
+    if non_numeric:
+        gene = non_numeric[0]
+        row = int(np.flatnonzero(pd.to_numeric(values[gene], errors="coerce").isna().to_numpy())[0])
+        raise UserError(f"{path}: gene column '{gene}' has non-numeric value {values[gene].iloc[row]!r} at id {frame['id'].iloc[row]!r}")
+    predictions = values.to_numpy(np.float64)
+    finite = np.isfinite(predictions)
+    if not finite.all():
+        row, j = np.argwhere(~finite)[0]
+        raise UserError(f"{path}: gene column '{genes[j]}' has non-finite value {predictions[row, j]} at id {frame['id'].iloc[row]!r}")
+    return predictions[position]
+
+
+def score(world_dir, submission_path):
+    """MRRMSE of the submission, the oracle (when the world has one) and the baselines fitted on de_train."""
+    world = Path(world_dir)
+    train = load_train(world / "de_train.parquet")
+    queries = load_id_map(world / "id_map.csv", train)
+    predictions = read_submission(submission_path, queries.ids, train.genes)
+    truth = _read_answers(world / "hidden" / "truth.parquet", train.genes, queries.ids)
+    scores = {"submission": metrics.mrrmse(truth, predictions)}
+    if (world / "hidden" / "oracle.parquet").is_file():
+        scores["oracle"] = metrics.mrrmse(truth, _read_answers(world / "hidden" / "oracle.parquet", train.genes, queries.ids))
+    baselines = metrics.fit_baselines(
+        train.targets, train.cell_index, train.compound_index, np.ones(len(train.targets), bool),
+        queries.cell_index, queries.compound_index,
+    )
+    scores.update({name: metrics.mrrmse(truth, pred) for name, pred in baselines.items()})
+    return scores
+
+
+def report(scores, world_dir, submission_path, as_json=False):
+    """Table (or JSON), ending in one greppable `score:` line."""
+    baselines = {k: v for k, v in scores.items() if k in metrics.BASELINES}
+    best = min(baselines, key=baselines.get)
+    if as_json:
+        return json.dumps({"world": str(world_dir), "submission_path": str(submission_path), "best_baseline": best,
+                           "scores": scores}, indent=2)
+    lines = [f"world {world_dir}, submission {submission_path}"]
+    lines += [f"  {name:<16} {value:.5f}" for name, value in scores.items()]
+    summary = f"score: submission={scores['submission']:.5f}"
+    if "oracle" in scores:
+        summary += f" oracle={scores['oracle']:.5f}"
+    summary += f" zeros={scores['zeros']:.5f} best_baseline={best}:{baselines[best]:.5f}"
+    return "\n".join(lines + [summary])
