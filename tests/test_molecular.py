@@ -1,9 +1,12 @@
-"""RDKit features: fingerprint semantics on known molecules, standardized descriptors, bad SMILES errors."""
+"""RDKit features, the feature cache and spec resolver, and the morgan/descriptors CLI."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from scp_jax.errors import UserError
+from scp_jax.features.__main__ import main as features_main
+from scp_jax.features.cache import cached_features, compound_features
 from scp_jax.features.molecular import morgan_fingerprints, rdkit_descriptors, standardize_columns
 
 MOLECULES = ["CCO", "c1ccccc1", "C1CCCCC1", "CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
@@ -48,3 +51,76 @@ def test_standardize_imputes_median_and_drops_constant_columns():
 def test_invalid_smiles_names_row_and_text(featurize):
     with pytest.raises(UserError, match=r"row 1: 'C1CC\(not a molecule'"):
         featurize(["CCO", "C1CC(not a molecule"])
+
+
+def test_cache_hit_skips_compute_and_any_change_misses(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.random.default_rng(len(calls)).normal(size=(2, 3))
+
+    first = cached_features("morgan", ["CCO", "O"], {"radius": 2, "bits": 3}, compute, cache_dir=tmp_path)
+    again = cached_features("morgan", ["CCO", "O"], {"bits": 3, "radius": 2}, compute, cache_dir=tmp_path)
+    assert len(calls) == 1 and first.dtype == np.float32 and np.array_equal(first, again)
+    cached_features("morgan", ["CCO", "N"], {"radius": 2, "bits": 3}, compute, cache_dir=tmp_path)
+    cached_features("morgan", ["CCO", "O"], {"radius": 3, "bits": 3}, compute, cache_dir=tmp_path)
+    cached_features("morgan", ["O", "CCO"], {"radius": 2, "bits": 3}, compute, cache_dir=tmp_path)
+    cached_features("descriptors", ["CCO", "O"], {"radius": 2, "bits": 3}, compute, cache_dir=tmp_path)
+    assert len(calls) == 5
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy"] * 5  # no temp files left behind
+
+
+def test_compound_feature_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCP_JAX_CACHE", str(tmp_path))
+    morgan = compound_features("morgan:radius=1,bits=256,counts=true", MOLECULES)
+    np.testing.assert_array_equal(morgan, morgan_fingerprints(MOLECULES, radius=1, n_bits=256, counts=True))
+    assert compound_features("morgan", MOLECULES).shape == (len(MOLECULES), 2048)
+    np.testing.assert_array_equal(compound_features("descriptors", MOLECULES), rdkit_descriptors(MOLECULES))
+    assert len(list((tmp_path / "features").glob("descriptors-*.npy"))) == 1
+    for bad, message in [("fingerprints", "valid: 'morgan'"), ("morgan:size=3", "unknown option 'size'"),
+                         ("morgan:counts=maybe", "bad value 'maybe'"), ("chemberta:missing.npz", "no features file")]:
+        with pytest.raises(UserError, match=message):
+            compound_features(bad, MOLECULES)
+
+
+def write_train(path, smiles_by_name):
+    """A minimal de_train.parquet: two cell types per compound, two genes."""
+    rows = [dict(cell_type=cell, sm_name=name, sm_lincs_id=f"LSM-{i}", SMILES=smiles, control=False,
+                 GENE1=0.1 * i, GENE2=-0.2)
+            for i, (name, smiles) in enumerate(smiles_by_name.items()) for cell in ("B cells", "NK cells")]
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+COMPOUNDS = {"Ethanol": "CCO", "Aspirin": "CC(=O)Oc1ccccc1C(=O)O", "Caffeine": "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
+             "Benzene": "c1ccccc1"}
+
+
+@pytest.mark.parametrize("command", [["morgan", "--radius", "1", "--bits", "128", "--counts"], ["descriptors"]])
+def test_cli_writes_features_in_compound_vocabulary_order(tmp_path, command, capsys):
+    data = write_train(tmp_path / "de_train.parquet", COMPOUNDS)
+    out = tmp_path / "features.npz"
+    features_main([*command, "--data", str(data), "--out", str(out)])
+    assert "wrote" in capsys.readouterr().out
+    stored = np.load(out)
+    names = sorted(COMPOUNDS)
+    assert stored["sm_name"].tolist() == names and stored["smiles"].tolist() == [COMPOUNDS[n] for n in names]
+    assert stored["features"].dtype == np.float32 and stored["features"].shape[0] == len(names)
+    expected = (morgan_fingerprints(stored["smiles"].tolist(), radius=1, n_bits=128, counts=True)
+                if command[0] == "morgan" else rdkit_descriptors(stored["smiles"].tolist()))
+    np.testing.assert_array_equal(stored["features"], expected)
+    shuffled = ["c1ccccc1", "CCO"]  # the file is aligned by SMILES, not by position
+    np.testing.assert_array_equal(compound_features(f"chemberta:{out}", shuffled),
+                                  expected[[names.index("Benzene"), names.index("Ethanol")]])
+    with pytest.raises(UserError, match="no features for 1 SMILES, e.g. 'O'"):
+        compound_features(f"chemberta:{out}", ["CCO", "O"])
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    data = write_train(tmp_path / "de_train.parquet", {"Broken": "C1CC(not a molecule"})
+    with pytest.raises(SystemExit) as exit_info:
+        features_main(["morgan", "--data", str(data), "--out", str(tmp_path / "f.npz")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: invalid SMILES in row 0: 'C1CC(not a molecule'"
+    assert not list(tmp_path.glob("*.npz"))

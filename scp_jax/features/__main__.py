@@ -1,0 +1,76 @@
+"""python -m scp_jax.features {chemberta,morgan,descriptors}: per-compound feature files for training.
+
+The output `.npz` holds `sm_name`, `smiles` (the training set's compound vocabulary, in TrainSet.compounds
+order) and float32 `features`, one row per compound; configs use it as `chemberta:FILE.npz`.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scp_jax.atomic import atomic_path
+from scp_jax.errors import UserError, cli_main
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python -m scp_jax.features", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    chemberta = commands.add_parser("chemberta", help="ChemBERTa embeddings (Flax port, weights from disk)")
+    chemberta.add_argument("--model", default="DeepChem/ChemBERTa-77M-MTR", help="HF id in the local cache, or DIR")
+    chemberta.add_argument("--pooling", choices=("cls", "mean"), default="cls")
+    chemberta.add_argument("--batch-size", type=int, default=64)
+    morgan = commands.add_parser("morgan", help="Morgan fingerprints (RDKit)")
+    morgan.add_argument("--radius", type=int, default=2)
+    morgan.add_argument("--bits", type=int, default=2048)
+    morgan.add_argument("--counts", action="store_true", help="count environments per bit instead of 0/1")
+    commands.add_parser("descriptors", help="standardized RDKit 2D descriptors")
+    for command in commands.choices.values():
+        command.add_argument("--data", help="de_train.parquet (default: the default synthetic world's)")
+        command.add_argument("--out", required=True, help="output .npz")
+    return parser
+
+
+def _featurize(args, smiles):
+    if args.command == "chemberta":
+        from scp_jax.features.chemberta import embed_smiles
+
+        return embed_smiles(smiles, args.model, pooling=args.pooling, batch_size=args.batch_size)
+    if args.command == "morgan":
+        from scp_jax.features.molecular import morgan_fingerprints
+
+        return morgan_fingerprints(smiles, radius=args.radius, n_bits=args.bits, counts=args.counts)
+    from scp_jax.features.molecular import rdkit_descriptors
+
+    return rdkit_descriptors(smiles)
+
+
+def write_features(path, sm_name, smiles, features):
+    """Atomic .npz with string arrays only, so it loads without pickle."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, sm_name=np.asarray(sm_name, dtype=str), smiles=np.asarray(smiles, dtype=str),
+                 features=np.asarray(features, dtype=np.float32))
+
+
+@cli_main
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if Path(args.out).suffix != ".npz":
+        raise UserError(f"--out must end in .npz (it stores SMILES next to the features), got {args.out!r}")
+    from scp_jax.data.dataset import load_train
+
+    if args.data is None:
+        from scp_jax.data.synth import default_world
+
+        args.data = default_world() / "de_train.parquet"
+    train = load_train(args.data)
+    start = time.perf_counter()
+    features = _featurize(args, list(train.compound_smiles))
+    write_features(args.out, train.compounds, train.compound_smiles, features)
+    print(f"wrote {args.out}: {args.command} features {features.shape[0]} compounds x {features.shape[1]} "
+          f"in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

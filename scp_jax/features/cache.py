@@ -1,0 +1,112 @@
+"""On-disk cache of compound features, and the resolver behind training-config feature specs.
+
+A cache entry is keyed by everything that determines its content (kind, SMILES in order, settings,
+format version), so a stale entry can never be returned; entries are plain `.npy` files.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from scp_jax.atomic import atomic_path
+from scp_jax.errors import UserError
+
+FORMAT_VERSION = 1
+_MORGAN_DEFAULTS = {"radius": 2, "bits": 2048, "counts": False}
+
+
+def default_cache_dir():
+    """`$SCP_JAX_CACHE/features`, else `~/.cache/scp_jax/features`."""
+    root = os.environ.get("SCP_JAX_CACHE")
+    return Path(root) / "features" if root else Path.home() / ".cache" / "scp_jax" / "features"
+
+
+def feature_key(kind: str, smiles: Sequence[str], settings: dict) -> str:
+    payload = json.dumps([FORMAT_VERSION, kind, list(smiles), settings], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cached_features(kind: str, smiles: Sequence[str], settings: dict, compute: Callable[[], np.ndarray],
+                    cache_dir=None) -> np.ndarray:
+    """`compute()` once per (kind, SMILES, settings); later calls load the stored float32 array."""
+    path = Path(cache_dir or default_cache_dir()) / f"{kind}-{feature_key(kind, smiles, settings)}.npy"
+    if path.is_file():
+        return np.load(path)
+    features = np.asarray(compute(), dtype=np.float32)
+    if features.shape[0] != len(smiles):
+        raise ValueError(f"{kind} features have {features.shape[0]} rows for {len(smiles)} SMILES")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, features)
+    return features
+
+
+def _parse_options(text: str, defaults: dict, spec: str) -> dict:
+    """`key=value,...` into typed options; unknown keys or bad values are user errors."""
+    options = dict(defaults)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise UserError(f"feature spec {spec!r}: unknown option {key!r}; valid: {', '.join(defaults)}")
+        try:
+            if isinstance(defaults[key], bool):
+                options[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            else:
+                options[key] = int(value)
+        except (KeyError, ValueError):
+            raise UserError(f"feature spec {spec!r}: bad value {value!r} for {key!r}") from None
+    return options
+
+
+def load_feature_file(path, smiles: Sequence[str]) -> np.ndarray:
+    """Rows of a features `.npz` (from `python -m scp_jax.features`) aligned to `smiles` by SMILES."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        raise UserError(f"no features file {str(path)!r}: expected the .npz written by `python -m scp_jax.features`")
+    with np.load(path, allow_pickle=False) as stored:
+        if not {"smiles", "features"} <= set(stored.files):
+            raise UserError(f"{path} lacks 'smiles'/'features' arrays; write it with `python -m scp_jax.features`")
+        row_of = {s: row for row, s in reversed(list(enumerate(stored["smiles"].tolist())))}
+        features = stored["features"]
+    missing = [s for s in smiles if s not in row_of]
+    if missing:
+        raise UserError(f"{path} has no features for {len(missing)} SMILES, e.g. {missing[0]!r}; regenerate it")
+    return features[[row_of[s] for s in smiles]].astype(np.float32)
+
+
+def _model_identity(model: str) -> dict:
+    """What pins a ChemBERTa model's weights: HF cache snapshot dirs are commit-named; local files get size+mtime."""
+    from scp_jax.features import chemberta
+
+    weights = chemberta.weights_file(chemberta.resolve_model_dir(model)).resolve()
+    stat = weights.stat()
+    return {"weights": str(weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def compound_features(spec: str, smiles: Sequence[str]) -> np.ndarray:
+    """Features [n_smiles, d] for a config spec: `morgan[:radius=R,bits=B,counts=true]`, `descriptors`,
+    `chemberta:FILE.npz` or `chemberta-model:DIR_OR_ID`."""
+    kind, _, argument = spec.partition(":")
+    if kind == "morgan":
+        options = _parse_options(argument, _MORGAN_DEFAULTS, spec)
+        from scp_jax.features.molecular import morgan_fingerprints
+
+        return morgan_fingerprints(smiles, radius=options["radius"], n_bits=options["bits"], counts=options["counts"])
+    if kind == "descriptors" and not argument:
+        from scp_jax.features.molecular import rdkit_descriptors
+
+        return cached_features("descriptors", smiles, {}, lambda: rdkit_descriptors(smiles))
+    if kind == "chemberta" and argument:
+        return load_feature_file(argument, smiles)
+    if kind == "chemberta-model" and argument:
+        from scp_jax.features.chemberta import embed_smiles
+
+        settings = {"model": argument, "pooling": "cls", **_model_identity(argument)}
+        return cached_features("chemberta", smiles, settings, lambda: embed_smiles(smiles, argument, pooling="cls"))
+    raise UserError(
+        f"unknown compound feature spec {spec!r}; valid: 'morgan' or 'morgan:radius=2,bits=2048,counts=false', "
+        "'descriptors', 'chemberta:FILE.npz', 'chemberta-model:DIR_OR_ID'"
+    )
