@@ -1,0 +1,30 @@
+import pytest
+
+from scp_jax.config import load_config, to_toml
+from scp_jax.errors import UserError
+
+
+def test_overrides_and_round_trip(tmp_path):
+    config = load_config(None, ["model.hidden=[64, 32]", "optim.learning_rate=3e-4", "epochs=3", "data.train=x.parquet"])
+    assert config.model.hidden == (64, 32) and config.optim.learning_rate == 3e-4 and config.epochs == 3
+    assert config.data.train == "x.parquet"
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=1", "unknown key 'optim.lr'"),
+        ("ensemble=0", "ensemble must be >= 1"),
+        ("epochs=ten", "epochs must be int"),
+        ("model.hidden=64", "model.hidden must be a list"),
+        ("folds=1", "folds must be >= 2"),
+        ("ensemble=true", "ensemble must be int"),
+    ],
+)
+def test_bad_config_is_one_line_user_error(override, message):
+    with pytest.raises(UserError, match=message) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
