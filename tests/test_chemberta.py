@@ -181,3 +181,29 @@ def test_missing_weights_name_where_to_put_them(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="model.safetensors"):
         chemberta.load_chemberta(tmp_path)
+
+
+def test_cli_and_feature_specs_embed_the_compound_vocabulary(tiny_safetensors, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from scp_jax.features.__main__ import main as features_main
+    from scp_jax.features.cache import compound_features
+
+    monkeypatch.setenv("SCP_JAX_CACHE", str(tmp_path / "cache"))
+    names = ["Water", "Ethanol", "Aspirin", "Benzene", "Caffeine"]  # same molecules as SMILES, other order
+    rows = [dict(cell_type=cell, sm_name=n, sm_lincs_id=n, SMILES=s, control=False, GENE1=1.0)
+            for n, s in zip(names, [SMILES[4], SMILES[0], SMILES[2], SMILES[1], SMILES[3]]) for cell in "AB"]
+    pd.DataFrame(rows).to_parquet(tmp_path / "de_train.parquet")
+    out = tmp_path / "chemberta.npz"
+    directory = tiny_safetensors[0]
+    features_main(["chemberta", "--model", str(directory), "--data", str(tmp_path / "de_train.parquet"),
+                   "--out", str(out), "--batch-size", "4"])
+    assert "5 compounds x 32" in capsys.readouterr().out
+    stored = np.load(out)
+    assert stored["sm_name"].tolist() == sorted(names)
+    expected = chemberta.embed_smiles(SMILES, directory, batch_size=4)
+    np.testing.assert_allclose(compound_features(f"chemberta:{out}", SMILES), expected, atol=1e-6)
+    on_the_fly = compound_features(f"chemberta-model:{directory}", SMILES)
+    np.testing.assert_allclose(on_the_fly, expected, atol=1e-6)
+    assert len(list((tmp_path / "cache" / "features").glob("chemberta-*.npy"))) == 1
+    np.testing.assert_array_equal(compound_features(f"chemberta-model:{directory}", SMILES), on_the_fly)
