@@ -94,7 +94,7 @@ def _target_matrix(table, path, genes):
             bad = next((i for i, v in enumerate(column.to_pylist()) if not _is_number(v)), 0)
             value = column[bad].as_py()
             raise UserError(
-                f"{path}: gene column '{gene}' is not numeric ({column.type}): {value!r} at {_row_label(table, bad)}"
+                f"{path}: gene column '{gene}' is not numeric ({column.type}): {show(value)} at {_row_label(table, bad)}"
             )
         targets[:, j] = column.to_numpy()  # nulls become NaN and are caught below
     finite = np.isfinite(targets)
@@ -103,6 +103,11 @@ def _target_matrix(table, path, genes):
         value = "null" if table.column(genes[j])[int(row)].as_py() is None else targets[row, j]
         raise UserError(f"{path}: gene column '{genes[j]}' has non-finite value {value} at {_row_label(table, int(row))}")
     return targets
+
+
+def show(value):
+    """repr of a file value for messages: 7 and 'x', not np.int64(7)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _is_number(value):
@@ -189,7 +194,7 @@ def load_id_map(path, train: TrainSet) -> Queries:
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
         first = int(np.flatnonzero(frame["id"].to_numpy() == ids[row])[0])
-        raise UserError(f"{path}: duplicate id {ids[row]!r} at rows {first} and {row}")
+        raise UserError(f"{path}: duplicate id {show(ids[row])} at rows {first} and {row}")
 
     cell_type = frame["cell_type"].astype(str).to_numpy(dtype=object)
     sm_name = frame["sm_name"].astype(str).to_numpy(dtype=object)
@@ -217,7 +222,7 @@ def write_submission(path, ids, genes, predictions):
     finite = np.isfinite(predictions)
     if not finite.all():
         row, j = np.argwhere(~finite)[0]
-        raise UserError(f"{path}: refusing to write non-finite prediction for id {ids[row]!r}, gene '{genes[j]}'")
+        raise UserError(f"{path}: refusing to write non-finite prediction for id {show(ids[row])}, gene '{genes[j]}'")
     columns = [pa.array(np.asarray(ids))] + [pa.array(predictions[:, j]) for j in range(len(genes))]
     table = pa.Table.from_arrays(columns, names=["id", *genes])
     with atomic_path(path) as tmp:

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from scp_jax import metrics
-from scp_jax.data.dataset import load_id_map, load_train
+from scp_jax.data.dataset import load_id_map, load_train, show
 from scp_jax.errors import UserError
 
 
@@ -30,34 +30,35 @@ def read_submission(path, ids, genes):
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a readable CSV file ({str(err).strip().splitlines()[0]})") from None
-    if "id" not in frame.columns:
+    columns, expected = set(frame.columns), set(genes)
+    if "id" not in columns:
         raise UserError(f"{path}: missing column 'id'")
-    missing = [g for g in genes if g not in frame.columns]
+    missing = [g for g in genes if g not in columns]
     if missing:
         raise UserError(f"{path}: missing {len(missing)} gene column(s), first '{missing[0]}'")
-    extra = [c for c in frame.columns if c != "id" and c not in set(genes)]
+    extra = [c for c in frame.columns if c != "id" and c not in expected]
     if extra:
         raise UserError(f"{path}: unexpected column '{extra[0]}' (not a training gene)")
     duplicated = frame["id"].duplicated().to_numpy()
     if duplicated.any():
-        raise UserError(f"{path}: duplicate id {frame['id'].iloc[int(np.flatnonzero(duplicated)[0])]!r}")
+        raise UserError(f"{path}: duplicate id {show(frame['id'].iloc[int(np.flatnonzero(duplicated)[0])])}")
     position = pd.Index(frame["id"]).get_indexer(ids)
     if (position < 0).any():
-        raise UserError(f"{path}: id {ids[int(np.flatnonzero(position < 0)[0])]!r} from id_map is missing")
+        raise UserError(f"{path}: id {show(ids[int(np.flatnonzero(position < 0)[0])])} from id_map is missing")
     if len(frame) != len(ids):
         unknown = frame["id"][~frame["id"].isin(ids)].iloc[0]
-        raise UserError(f"{path}: id {unknown!r} is not in id_map")
+        raise UserError(f"{path}: id {show(unknown)} is not in id_map")
     values = frame[list(genes)]
     non_numeric = [g for g, kind in values.dtypes.items() if not pd.api.types.is_numeric_dtype(kind)]
     if non_numeric:
         gene = non_numeric[0]
         row = int(np.flatnonzero(pd.to_numeric(values[gene], errors="coerce").isna().to_numpy())[0])
-        raise UserError(f"{path}: gene column '{gene}' has non-numeric value {values[gene].iloc[row]!r} at id {frame['id'].iloc[row]!r}")
+        raise UserError(f"{path}: gene column '{gene}' has non-numeric value {show(values[gene].iloc[row])} at id {show(frame['id'].iloc[row])}")
     predictions = values.to_numpy(np.float64)
     finite = np.isfinite(predictions)
     if not finite.all():
         row, j = np.argwhere(~finite)[0]
-        raise UserError(f"{path}: gene column '{genes[j]}' has non-finite value {predictions[row, j]} at id {frame['id'].iloc[row]!r}")
+        raise UserError(f"{path}: gene column '{genes[j]}' has non-finite value {predictions[row, j]} at id {show(frame['id'].iloc[row])}")
     return predictions[position]
 
 

@@ -1,0 +1,155 @@
+"""Loader validation: each bad input gives exit code 2 and one `error:` line naming the problem."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scp_jax.data import load_id_map, load_train, write_submission
+from scp_jax.data.__main__ import main
+from scp_jax.data.score import read_submission
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def world(small_world, tmp_path):
+    """A private copy of the small world, safe to corrupt."""
+    return shutil.copytree(small_world, tmp_path / "world")
+
+
+def rewrite_train(world, change):
+    frame = change(pd.read_parquet(world / "de_train.parquet"))
+    frame.to_parquet(world / "de_train.parquet", index=False)
+    return world / "de_train.parquet"
+
+
+def test_loads_small_world(small_world):
+    train = load_train(small_world / "de_train.parquet")
+    queries = load_id_map(small_world / "id_map.csv", train)
+    assert train.targets.shape == (614, 64) and train.targets.dtype == np.float32
+    assert train.cell_types == tuple(sorted(train.cell_types)) and len(train.cell_types) == 6
+    assert len(train.compounds) == 146 and len(train.compound_smiles) == 146
+    assert all(train.compounds[i] == name for i, name in zip(train.compound_index, train.sm_name))
+    assert all(train.cell_types[i] == cell for i, cell in zip(train.cell_index, train.cell_type))
+    assert queries.ids.dtype == np.int64 and len(queries.ids) == 255
+    assert all(train.compounds[i] == name for i, name in zip(queries.compound_index, queries.sm_name))
+
+
+def test_missing_file(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "check", tmp_path / "nope.parquet")[::2], "nope.parquet", "not found")
+
+
+def test_not_parquet(capsys, tmp_path):
+    (tmp_path / "de_train.parquet").write_text("cell_type,sm_name\n")
+    assert_one_line_error(*run_cli(capsys, "check", tmp_path / "de_train.parquet")[::2], "not a readable parquet")
+
+
+def test_missing_required_column(capsys, world):
+    path = rewrite_train(world, lambda f: f.drop(columns="SMILES"))
+    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "missing required column 'SMILES'")
+
+
+def test_no_gene_columns(capsys, world):
+    path = rewrite_train(world, lambda f: f[["cell_type", "sm_name", "sm_lincs_id", "SMILES", "control"]])
+    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "no gene columns")
+
+
+def test_non_numeric_target(capsys, world):
+    def change(frame):
+        frame["G00007"] = frame["G00007"].astype(str)
+        frame.loc[3, "G00007"] = "high"
+        return frame
+
+    path = rewrite_train(world, change)
+    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "'G00007'", "not numeric", "'high'", "row 3")
+
+
+def test_non_finite_target(capsys, world):
+    path = rewrite_train(world, lambda f: f.assign(G00005=f["G00005"].where(f.index != 11, np.inf)))
+    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "'G00005'", "non-finite", "row 11")
+
+
+def test_duplicate_row(capsys, world):
+    path = rewrite_train(world, lambda f: f.assign(
+        cell_type=f["cell_type"].where(f.index != 5, f["cell_type"][0]),
+        sm_name=f["sm_name"].where(f.index != 5, f["sm_name"][0]),
+    ))
+    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "duplicate row", "rows 0 and 5")
+
+
+def rewrite_id_map(world, change):
+    frame = change(pd.read_csv(world / "id_map.csv"))
+    frame.to_csv(world / "id_map.csv", index=False)
+    return world / "id_map.csv"
+
+
+def test_id_map_unknown_compound(capsys, world):
+    path = rewrite_id_map(world, lambda f: f.assign(sm_name=f["sm_name"].where(f.index != 4, "Unobtainium")))
+    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
+    assert_one_line_error(code, err, "row 4", "'Unobtainium'", "no SMILES")
+
+
+def test_id_map_unknown_cell_type(capsys, world):
+    path = rewrite_id_map(world, lambda f: f.assign(cell_type=f["cell_type"].where(f.index != 2, "Neurons")))
+    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
+    assert_one_line_error(code, err, "row 2", "'Neurons'", "never seen")
+
+
+def test_id_map_duplicate_id(capsys, world):
+    path = rewrite_id_map(world, lambda f: f.assign(id=f["id"].where(f.index != 9, 1)))
+    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
+    assert_one_line_error(code, err, "duplicate id 1", "rows 1 and 9")
+
+
+def test_id_map_missing_column(capsys, world):
+    path = rewrite_id_map(world, lambda f: f.drop(columns="cell_type"))
+    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
+    assert_one_line_error(code, err, "id_map.csv", "missing required column 'cell_type'")
+
+
+def test_cli_subprocess_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "scp_jax.data", "check", str(tmp_path / "missing.parquet")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.parquet'}: file not found"]
+
+
+def test_submission_round_trip(small_world, tmp_path):
+    train = load_train(small_world / "de_train.parquet")
+    queries = load_id_map(small_world / "id_map.csv", train)
+    rng = np.random.default_rng(0)
+    shape = (len(queries.ids), len(train.genes))
+    predictions = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 6, shape)).astype(np.float32)
+    write_submission(tmp_path / "sub.csv", queries.ids, train.genes, predictions)
+    read = read_submission(tmp_path / "sub.csv", queries.ids, train.genes)
+    np.testing.assert_array_equal(read.astype(np.float32), predictions)
+    assert pd.read_csv(tmp_path / "sub.csv").columns.tolist() == ["id", *train.genes]
+
+
+def test_write_submission_refuses_non_finite(tmp_path):
+    from scp_jax.errors import UserError
+
+    with pytest.raises(UserError, match="non-finite"):
+        write_submission(tmp_path / "sub.csv", np.arange(2), ("A", "B"), np.array([[0.0, np.nan], [1.0, 2.0]]))
+    assert not list(tmp_path.iterdir())
