@@ -159,9 +159,10 @@ def _synthetic_layout(rng, n_genes):
 
 
 def _query_rows(rng, test_compounds):
-    rows = []
+    dropped = iter(rng.choice(test_compounds, sum(N_MISSING_QUERIES.values()), replace=False))  # distinct: every
+    rows = []  # test compound keeps at least one query, as in the real id_map
     for cell, n_missing in N_MISSING_QUERIES.items():
-        missing = set(rng.choice(test_compounds, n_missing, replace=False))
+        missing = {next(dropped) for _ in range(n_missing)}
         rows += [(cell, c) for c in sorted(test_compounds) if c not in missing]
     queries = pd.DataFrame(rows, columns=["cell_type", "sm_name"])
     queries.insert(0, "id", np.arange(len(queries)))

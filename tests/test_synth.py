@@ -1,0 +1,110 @@
+"""Synthetic worlds: the real layout, parseable distinct SMILES, determinism, reference mode, scoring."""
+
+import filecmp
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from rdkit import Chem
+
+from scp_jax.data import default_world, load_id_map, load_train, make_world
+from scp_jax.data.__main__ import main
+from scp_jax.data.synth import expected_signed_log10_p, signed_log10_p
+
+TRAIN_ROWS = {"NK cells": 146, "T cells CD4+": 146, "T regulatory cells": 146, "T cells CD8+": 142,
+              "B cells": 17, "Myeloid cells": 17}
+WORLD_FILES = ("de_train.parquet", "id_map.csv", "hidden/truth.parquet", "hidden/oracle.parquet", "world.json")
+
+
+def test_layout_matches_the_real_task(small_world):
+    train = load_train(small_world / "de_train.parquet")
+    queries = load_id_map(small_world / "id_map.csv", train)
+    assert pd.Series(train.cell_type).value_counts().to_dict() == TRAIN_ROWS
+    assert sorted(set(train.sm_name[train.control])) == ["Belinostat", "Dabrafenib"]
+    assert train.control.sum() == 12  # both controls in all 6 cell types
+    held_out = set(train.sm_name[np.isin(train.cell_type, ["B cells", "Myeloid cells"])])
+    assert len(held_out) == 17 and {"Belinostat", "Dabrafenib"} <= held_out
+    assert pd.Series(queries.cell_type).value_counts().to_dict() == {"B cells": 128, "Myeloid cells": 127}
+    assert not held_out & set(queries.sm_name) and len(set(queries.sm_name)) == 129
+    assert list(queries.ids) == list(range(255))
+    assert len(set(train.compound_smiles)) == 146
+    assert all(Chem.MolFromSmiles(s) is not None for s in train.compound_smiles)
+    assert all(lincs.startswith("LSM-") for lincs in train.sm_lincs_id)
+    truth = pd.read_parquet(small_world / "hidden" / "truth.parquet")
+    oracle = pd.read_parquet(small_world / "hidden" / "oracle.parquet")
+    assert truth.columns.tolist() == oracle.columns.tolist() == ["id", *train.genes]
+    assert (truth.id == queries.ids).all()
+    assert json.loads((small_world / "world.json").read_text())["seed"] == 0
+
+
+def test_same_seed_same_files_other_seed_other_world(small_world, tmp_path):
+    again = make_world(tmp_path / "again", genes=64, seed=0)
+    for name in WORLD_FILES:
+        assert filecmp.cmp(small_world / name, again / name, shallow=False), name
+    other = make_world(tmp_path / "other", genes=64, seed=1)
+    assert not filecmp.cmp(small_world / "de_train.parquet", other / "de_train.parquet", shallow=False)
+
+
+def test_oracle_expectation_matches_monte_carlo():
+    means = np.array([-6.0, -1.0, 0.0, 0.3, 2.0, 9.0])
+    draws = signed_log10_p(means + 1.6 * np.random.default_rng(0).standard_normal((200_000, 1)))
+    np.testing.assert_allclose(expected_signed_log10_p(means, 1.6), draws.mean(0), atol=0.02)
+
+
+def test_score_orders_oracle_zeros_and_nonsense(small_world, tmp_path, capsys):
+    truth = pd.read_parquet(small_world / "hidden" / "truth.parquet")
+    oracle = pd.read_parquet(small_world / "hidden" / "oracle.parquet")
+    oracle.to_csv(tmp_path / "oracle.csv", index=False)
+    truth.assign(**{g: 3.0 for g in truth.columns[1:]}).to_csv(tmp_path / "threes.csv", index=False)
+    main(["score", str(small_world), str(tmp_path / "oracle.csv"), "--json"])
+    oracle_scores = json.loads(capsys.readouterr().out)["scores"]
+    main(["score", str(small_world), str(tmp_path / "threes.csv")])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("score: submission=")
+    threes = float(summary.split("submission=")[1].split()[0])
+    assert oracle_scores["submission"] == pytest.approx(oracle_scores["oracle"])
+    assert oracle_scores["oracle"] < oracle_scores["zeros"] < threes
+
+
+def test_score_rejects_submission_missing_an_id(small_world, tmp_path, capsys):
+    pd.read_parquet(small_world / "hidden" / "oracle.parquet").iloc[1:].to_csv(tmp_path / "sub.csv", index=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["score", str(small_world), str(tmp_path / "sub.csv")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'sub.csv'}: id 0 from id_map is missing"]
+
+
+def test_default_world_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCP_JAX_CACHE", str(tmp_path))
+    world = default_world(genes=8, seed=3)
+    assert world == tmp_path / "worlds" / "synth-g8-s3"
+    stamp = (world / "de_train.parquet").stat().st_mtime_ns
+    assert default_world(genes=8, seed=3) == world
+    assert (world / "de_train.parquet").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "worlds").iterdir()] == ["synth-g8-s3"]  # no temp folders left
+
+
+def test_reference_world_uses_real_genes_compounds_and_id_map(reference_dir, tmp_path):
+    world = make_world(tmp_path / "ref", genes=32, seed=0, reference=reference_dir)
+    train = load_train(world / "de_train.parquet")
+    assert train.genes == tuple((reference_dir / "genes.txt").read_text().split()[:32])
+    real = pd.read_csv(reference_dir / "compounds_smiles.csv").query("in_de_train == 1")
+    assert set(train.compounds) == set(real.sm_name)
+    assert dict(zip(train.compounds, train.compound_smiles)) == dict(zip(real.sm_name, real.SMILES))
+    assert set(train.sm_name[train.control]) == set(real.sm_name[real.role == "positive_control"])
+    held_out = set(train.sm_name[train.cell_type == "B cells"])
+    assert held_out == set(real.sm_name[real.train_has_B_Myeloid == 1])
+    assert pd.Series(train.cell_type).value_counts().to_dict() == TRAIN_ROWS
+    pd.testing.assert_frame_equal(pd.read_csv(world / "id_map.csv"), pd.read_csv(reference_dir / "id_map.csv"))
+
+
+def test_reference_dir_missing_a_file_writes_nothing(tmp_path, capsys):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "genes.txt").write_text("A\nB\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", "--out", str(tmp_path / "out"), "--genes", "2", "--reference", str(tmp_path / "ref")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: reference dir {tmp_path / 'ref'} lacks compounds_smiles.csv"]
+    assert not (tmp_path / "out").exists()
