@@ -176,11 +176,15 @@ def test_published_chemberta_configs_load_and_run(name, tmp_path):
 
 
 def test_missing_weights_name_where_to_put_them(tmp_path):
-    with pytest.raises(UserError, match="huggingface-cli download nobody/no-such-chemberta"):
+    from scp_jax.features.cache import compound_features
+
+    with pytest.raises(UserError, match="`hf download nobody/no-such-chemberta`"):
         chemberta.load_chemberta("nobody/no-such-chemberta")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="model.safetensors"):
+    with pytest.raises(UserError, match="the folder needs config.json, tokenizer files and model.safetensors"):
         chemberta.load_chemberta(tmp_path)
+    with pytest.raises(UserError, match="no ChemBERTa weights in"):
+        compound_features(f"chemberta-model:{tmp_path}", ["CCO"])
 
 
 def test_cli_and_feature_specs_embed_the_compound_vocabulary(tiny_safetensors, tmp_path, monkeypatch, capsys):

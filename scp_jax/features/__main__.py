@@ -32,18 +32,18 @@ def _parser():
     return parser
 
 
-def _featurize(args, smiles):
+def _featurizer(args):
+    """SMILES -> features for the command; a model loads here, before the data, so a missing one fails fast."""
     if args.command == "chemberta":
-        from scp_jax.features.chemberta import embed_smiles
+        from scp_jax.features.chemberta import embed_with, load_chemberta
 
-        return embed_smiles(smiles, args.model, pooling=args.pooling, batch_size=args.batch_size)
+        model = load_chemberta(args.model)
+        return lambda smiles: embed_with(model, smiles, pooling=args.pooling, batch_size=args.batch_size)
+    from scp_jax.features.molecular import morgan_fingerprints, rdkit_descriptors
+
     if args.command == "morgan":
-        from scp_jax.features.molecular import morgan_fingerprints
-
-        return morgan_fingerprints(smiles, radius=args.radius, n_bits=args.bits, counts=args.counts)
-    from scp_jax.features.molecular import rdkit_descriptors
-
-    return rdkit_descriptors(smiles)
+        return lambda smiles: morgan_fingerprints(smiles, radius=args.radius, n_bits=args.bits, counts=args.counts)
+    return rdkit_descriptors
 
 
 def write_features(path, sm_name, smiles, features):
@@ -58,6 +58,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if Path(args.out).suffix != ".npz":
         raise UserError(f"--out must end in .npz (it stores SMILES next to the features), got {args.out!r}")
+    featurize = _featurizer(args)
     from scp_jax.data.dataset import load_train
 
     if args.data is None:
@@ -66,7 +67,7 @@ def main(argv=None):
         args.data = default_world() / "de_train.parquet"
     train = load_train(args.data)
     start = time.perf_counter()
-    features = _featurize(args, list(train.compound_smiles))
+    features = featurize(list(train.compound_smiles))
     write_features(args.out, train.compounds, train.compound_smiles, features)
     print(f"wrote {args.out}: {args.command} features {features.shape[0]} compounds x {features.shape[1]} "
           f"in {time.perf_counter() - start:.1f}s")

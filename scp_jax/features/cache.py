@@ -81,7 +81,10 @@ def _model_identity(model: str) -> dict:
     """What pins a ChemBERTa model's weights: HF cache snapshot dirs are commit-named; local files get size+mtime."""
     from scp_jax.features import chemberta
 
-    weights = chemberta.weights_file(chemberta.resolve_model_dir(model)).resolve()
+    weights = chemberta.weights_file(chemberta.resolve_model_dir(model))
+    if weights is None:
+        raise UserError(chemberta.offline_hint(model))
+    weights = weights.resolve()
     stat = weights.stat()
     return {"weights": str(weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 

@@ -56,7 +56,8 @@ def encoder_config(hf_config):
     if hf_config.hidden_act not in _ACTIVATIONS:
         raise UserError(f"ChemBERTa config has hidden_act={hf_config.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
     if hf_config.hidden_size % hf_config.num_attention_heads:
-        raise UserError(f"hidden_size {hf_config.hidden_size} is not a multiple of {hf_config.num_attention_heads} heads")
+        heads = hf_config.num_attention_heads
+        raise UserError(f"hidden_size {hf_config.hidden_size} is not a multiple of {heads} attention heads")
     return EncoderConfig(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
@@ -183,8 +184,9 @@ def load_encoder(tensors, config: EncoderConfig):
 
 def read_checkpoint(model_dir):
     """Encoder tensors as float32 numpy, keyed without the `roberta.` prefix; LM/task heads dropped."""
-    model_dir = Path(model_dir)
     path = weights_file(model_dir)
+    if path is None:
+        raise UserError(offline_hint(model_dir))
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -199,18 +201,19 @@ def read_checkpoint(model_dir):
 
 
 def offline_hint(model):
+    """Where the weights must be put, in one line (nothing is ever downloaded here)."""
+    if Path(model).is_dir():
+        return (f"no ChemBERTa weights in {model}: the folder needs config.json, tokenizer files and "
+                f"{' or '.join(WEIGHT_FILES)}")
     return (
-        f"no ChemBERTa weights for '{model}' offline: download it once with `huggingface-cli download {model}` "
+        f"no ChemBERTa weights for '{model}' offline: download it once with `hf download {model}` "
         "or pass --model DIR holding config.json, tokenizer files and model.safetensors"
     )
 
 
 def weights_file(model_dir):
-    model_dir = Path(model_dir)
-    for name in WEIGHT_FILES:
-        if (model_dir / name).is_file():
-            return model_dir / name
-    raise UserError(offline_hint(model_dir))
+    """The checkpoint file in a model folder (safetensors preferred), or None."""
+    return next((Path(model_dir) / name for name in WEIGHT_FILES if (Path(model_dir) / name).is_file()), None)
 
 
 def resolve_model_dir(model):
@@ -238,7 +241,8 @@ def load_chemberta(model=DEFAULT_MODEL):
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir = resolve_model_dir(model)
-    weights_file(model_dir)  # fail on missing weights before the slower tokenizer load
+    if weights_file(model_dir) is None:  # fail before the slower tokenizer load
+        raise UserError(offline_hint(model))
     try:
         hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -304,8 +308,12 @@ def embed_token_ids(encoder, config: EncoderConfig, token_ids, *, pooling="cls",
     return out
 
 
-def embed_smiles(smiles: Sequence[str], model=DEFAULT_MODEL, *, pooling="cls", batch_size=64):
-    """ChemBERTa embedding of each SMILES: float32 [n_smiles, hidden_size]."""
-    chemberta = load_chemberta(model)
+def embed_with(chemberta: ChemBERTa, smiles: Sequence[str], *, pooling="cls", batch_size=64):
+    """Embedding of each SMILES by a loaded model: float32 [n_smiles, hidden_size]."""
     token_ids = tokenize(chemberta.tokenizer, smiles, chemberta.config.max_tokens)
     return embed_token_ids(chemberta.encoder, chemberta.config, token_ids, pooling=pooling, batch_size=batch_size)
+
+
+def embed_smiles(smiles: Sequence[str], model=DEFAULT_MODEL, *, pooling="cls", batch_size=64):
+    """ChemBERTa embedding of each SMILES: float32 [n_smiles, hidden_size]."""
+    return embed_with(load_chemberta(model), smiles, pooling=pooling, batch_size=batch_size)
