@@ -99,9 +99,12 @@ def compound_features(spec: str, smiles: Sequence[str]) -> np.ndarray:
 
         return morgan_fingerprints(smiles, radius=options["radius"], n_bits=options["bits"], counts=options["counts"])
     if kind == "descriptors" and not argument:
+        import rdkit
+
         from scp_jax.features.molecular import rdkit_descriptors
 
-        return cached_features("descriptors", smiles, {}, lambda: rdkit_descriptors(smiles))
+        settings = {"rdkit": rdkit.__version__}  # descriptor definitions change between RDKit releases
+        return cached_features("descriptors", smiles, settings, lambda: rdkit_descriptors(smiles))
     if kind == "chemberta" and argument:
         return load_feature_file(argument, smiles)
     if kind == "chemberta-model" and argument:

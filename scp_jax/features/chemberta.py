@@ -20,6 +20,7 @@ from scp_jax.errors import UserError
 DEFAULT_MODEL = "DeepChem/ChemBERTa-77M-MTR"
 POOLINGS = ("cls", "mean")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HIGHEST = jax.lax.Precision.HIGHEST  # full f32 matmuls: embeddings are computed once, exactness beats speed
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -85,21 +86,22 @@ class EncoderLayer(nnx.Module):
         hidden, eps = config.hidden_size, config.layer_norm_eps
         self.num_heads = config.num_heads
         self.activation = _ACTIVATIONS[config.activation]
-        self.query = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.key = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.value = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.attention_output = nnx.Linear(hidden, hidden, rngs=rngs)
+        linear = functools.partial(nnx.Linear, precision=HIGHEST, rngs=rngs)
+        self.query = linear(hidden, hidden)
+        self.key = linear(hidden, hidden)
+        self.value = linear(hidden, hidden)
+        self.attention_output = linear(hidden, hidden)
         self.attention_norm = nnx.LayerNorm(hidden, epsilon=eps, rngs=rngs)
-        self.intermediate = nnx.Linear(hidden, config.intermediate_size, rngs=rngs)
-        self.output = nnx.Linear(config.intermediate_size, hidden, rngs=rngs)
+        self.intermediate = linear(hidden, config.intermediate_size)
+        self.output = linear(config.intermediate_size, hidden)
         self.output_norm = nnx.LayerNorm(hidden, epsilon=eps, rngs=rngs)
 
     def __call__(self, hidden, attention_bias):
         batch, length, width = hidden.shape
         split_heads = lambda x: x.reshape(batch, length, self.num_heads, width // self.num_heads)
         query, key, value = (split_heads(layer(hidden)) for layer in (self.query, self.key, self.value))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(query.shape[-1]) + attention_bias
-        attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), value).reshape(hidden.shape)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=HIGHEST) / np.sqrt(query.shape[-1]) + attention_bias
+        attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), value, precision=HIGHEST).reshape(hidden.shape)
         hidden = self.attention_norm(hidden + self.attention_output(attended))
         return self.output_norm(hidden + self.output(self.activation(self.intermediate(hidden))))
 

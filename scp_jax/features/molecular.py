@@ -9,15 +9,15 @@ from scp_jax.errors import UserError
 
 def parse_smiles(smiles: Sequence[str]):
     """RDKit molecules; an unparsable SMILES is a user error naming its row."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
 
-    RDLogger.DisableLog("rdApp.*")  # we report bad SMILES ourselves, in one line
     molecules = []
-    for row, text in enumerate(smiles):
-        molecule = Chem.MolFromSmiles(text) if isinstance(text, str) and text else None
-        if molecule is None:
-            raise UserError(f"invalid SMILES in row {row}: {text!r}")
-        molecules.append(molecule)
+    with rdBase.BlockLogs():  # a bad SMILES is reported once, as a UserError, not as RDKit log noise
+        for row, text in enumerate(smiles):
+            molecule = Chem.MolFromSmiles(text) if isinstance(text, str) and text else None
+            if molecule is None:
+                raise UserError(f"invalid SMILES in row {row}: {text!r}")
+            molecules.append(molecule)
     return molecules
 
 
