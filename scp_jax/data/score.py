@@ -53,12 +53,18 @@ def read_submission(path, ids, genes):
     if non_numeric:
         gene = non_numeric[0]
         row = int(np.flatnonzero(pd.to_numeric(values[gene], errors="coerce").isna().to_numpy())[0])
-        raise UserError(f"{path}: gene column '{gene}' has non-numeric value {show(values[gene].iloc[row])} at id {show(frame['id'].iloc[row])}")
+        raise UserError(
+            f"{path}: gene column '{gene}' has non-numeric value {show(values[gene].iloc[row])}"
+            f" at id {show(frame['id'].iloc[row])}"
+        )
     predictions = values.to_numpy(np.float64)
     finite = np.isfinite(predictions)
     if not finite.all():
         row, j = np.argwhere(~finite)[0]
-        raise UserError(f"{path}: gene column '{genes[j]}' has non-finite value {predictions[row, j]} at id {show(frame['id'].iloc[row])}")
+        raise UserError(
+            f"{path}: gene column '{genes[j]}' has non-finite value {predictions[row, j]}"
+            f" at id {show(frame['id'].iloc[row])}"
+        )
     return predictions[position]
 
 
@@ -71,7 +77,8 @@ def score(world_dir, submission_path):
     truth = _read_answers(world / "hidden" / "truth.parquet", train.genes, queries.ids)
     scores = {"submission": metrics.mrrmse(truth, predictions)}
     if (world / "hidden" / "oracle.parquet").is_file():
-        scores["oracle"] = metrics.mrrmse(truth, _read_answers(world / "hidden" / "oracle.parquet", train.genes, queries.ids))
+        oracle = _read_answers(world / "hidden" / "oracle.parquet", train.genes, queries.ids)
+        scores["oracle"] = metrics.mrrmse(truth, oracle)
     baselines = metrics.fit_baselines(
         train.targets, train.cell_index, train.compound_index, np.ones(len(train.targets), bool),
         queries.cell_index, queries.compound_index,

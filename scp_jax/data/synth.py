@@ -7,7 +7,7 @@ Generative model, per (cell type i, compound c, gene g):
   compound latent  z_c = sqrt(chem) * standardized(MorganBits(SMILES_c) @ A) + sqrt(1 - chem) * noise
   potency          p_c = exp(sigma * (half chemistry, half noise)): a few potent, many weak compounds
   cell embedding   u_i = shared + deviation; the T/NK types share most of it, B/Myeloid far less
-  effect           e_icg = p_c * ((z_c * u_i) @ L)_g + p_c * off_target_cg
+  effect           e_icg = cap * tanh(p_c * ((z_c * u_i) @ L + off_target_c)_g / cap)  (fold changes saturate)
   observation      t = e * sqrt(cells / 100) + s * N(0, 1)
                    y = sign(t) * -log10(two-sided normal p-value of t)
 where L is a sparse rank-`rank` gene loading with heavy-tailed gene scales, `cells` is the
@@ -278,6 +278,7 @@ def _observe(rng, params, effect, frame, layout):
 
 
 def _oracle(mean, scale):
+    """Bayes-optimal prediction per row: E[y] given the row's t mean and its noise scale."""
     out = np.empty(mean.shape, np.float32)
     for s in np.unique(scale):
         rows = scale == s
@@ -299,6 +300,8 @@ def make_world(out_dir, *, genes=18211, seed=0, reference=None, params=None) -> 
     """Write de_train.parquet, id_map.csv, hidden/{truth,oracle}.parquet and world.json to out_dir."""
     if genes < 1:
         raise UserError(f"--genes must be positive, got {genes}")
+    if seed < 0:
+        raise UserError(f"--seed must be non-negative, got {seed}")
     params = params or Params()
     rng = np.random.default_rng(seed)
     layout = _reference_layout(rng, reference, genes) if reference else _synthetic_layout(rng, genes)
