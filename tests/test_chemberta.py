@@ -42,11 +42,10 @@ def char_tokenizer():
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=62)
 
 
-def perturbed(model, seed=0):
+def perturbed(model):
     """Random non-trivial weights everywhere (LayerNorms and biases too), so any mis-mapped tensor shows."""
     import torch
 
-    torch.manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -60,9 +59,10 @@ def tiny_config(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_safetensors(tmp_path_factory):
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from transformers import RobertaModel
 
+    torch.manual_seed(0)
     tokenizer = char_tokenizer()
     model = perturbed(RobertaModel(tiny_config(tokenizer), add_pooling_layer=False))
     directory = tmp_path_factory.mktemp("tiny_chemberta")
@@ -127,8 +127,9 @@ def test_loads_pytorch_bin_with_roberta_prefix_and_ignores_lm_head(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import RobertaForMaskedLM
 
+    torch.manual_seed(1)
     tokenizer = char_tokenizer()
-    mlm = perturbed(RobertaForMaskedLM(tiny_config(tokenizer)), seed=1)
+    mlm = perturbed(RobertaForMaskedLM(tiny_config(tokenizer)))
     torch.save(mlm.state_dict(), tmp_path / "pytorch_model.bin")
     mlm.config.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
