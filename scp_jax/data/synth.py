@@ -6,7 +6,8 @@ noisy observation of the queried rows) and the Bayes-optimal prediction (the ora
 Generative model, per (cell type i, compound c, gene g):
   compound latent  z_c = sqrt(chem) * standardized(MorganBits(SMILES_c) @ A) + sqrt(1 - chem) * noise
   potency          p_c = exp(sigma * (half chemistry, half noise)): a few potent, many weak compounds
-  cell embedding   u_i = shared + deviation; the T/NK types share most of it, B/Myeloid far less
+  cell embedding   u_i = shared + deviation; the T/NK types share most of it, B/Myeloid less;
+                   factor 0 is a common response, positive in every cell type
   effect           e_icg = cap * tanh(p_c * ((z_c * u_i) @ L + off_target_c)_g / cap)  (fold changes saturate)
   observation      t = e * sqrt(cells / 100) + s * N(0, 1)
                    y = sign(t) * -log10(two-sided normal p-value of t)
@@ -58,12 +59,13 @@ class Params:
     chem_share: float = 0.6  # variance share of the compound latent explained by chemistry
     morgan_radius: int = 2
     morgan_bits: int = 2048
-    potency_median: float = 0.4
+    potency_median: float = 0.55
     potency_sigma: float = 0.7
     control_potency_quantile: float = 0.97
     common_response: float = 1.0  # shift of factor 0: a response most compounds share
+    common_response_spread: float = 0.25  # lognormal spread of its strength across cell types
     t_cell_sharing: float = 0.9  # share of cell embedding common to all cell types, T/NK
-    held_out_sharing: float = 0.7  # the same for B/Myeloid
+    held_out_sharing: float = 0.8  # the same for B/Myeloid
     off_target_density: float = 0.003
     effect_cap: float = 8.0  # effects saturate: cap * tanh(effect / cap), as fold changes do
     off_target_scale: float = 1.5
@@ -71,7 +73,7 @@ class Params:
                            ("T regulatory cells", 150), ("B cells", 120), ("Myeloid cells", 150))
     poor_fraction: float = 1 / 3
     poor_cells_factor: float = 0.15
-    poor_overdispersion: float = 1.6
+    poor_overdispersion: float = 1.4
 
 
 # ----------------------------------------------------------------------------- compounds
@@ -249,9 +251,10 @@ def _effects(rng, params, layout):
     potency[control] = np.quantile(potency, params.control_potency_quantile) * (1 + 0.5 * rng.random(control.sum()))
 
     shared = rng.standard_normal(rank)
-    shared[0] = abs(shared[0]) + 1.0  # every cell type shows the common response, same sign
     sharing = np.array([params.held_out_sharing if c in HELD_OUT_CELLS else params.t_cell_sharing for c in CELL_TYPES])
     cells = np.sqrt(sharing)[:, None] * shared + np.sqrt(1 - sharing)[:, None] * rng.standard_normal((len(CELL_TYPES), rank))
+    # every cell type shows the common response with the same sign, differing only in strength
+    cells[:, 0] = rng.lognormal(0.0, params.common_response_spread, len(CELL_TYPES))
 
     mask = rng.random((rank, n_genes)) < params.loading_density
     gene_scale = rng.lognormal(0.0, params.gene_scale_sigma, n_genes)
