@@ -22,7 +22,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (64, 64)
     activation: str = "relu"
 
 
@@ -40,7 +40,7 @@ class Config:
     folds: int = 5
     epochs: int = 30
     epochs_per_chunk: int = 5
-    batch_size: int = 32
+    batch_size: int = 64
     features: tuple[str, ...] = ("onehot",)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -37,7 +37,8 @@ class MemberSpec:
 
     key: jax.Array
     train_mask: jnp.ndarray  # [n] bool
-    val_mask: jnp.ndarray  # [n] bool
+    val_rows: jnp.ndarray  # [v] row indices, padded to the largest validation set
+    val_weight: jnp.ndarray  # [v] 1 for a real validation row, 0 for padding
 
 
 @struct.dataclass
@@ -127,8 +128,9 @@ class Ensemble:
         (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), (rows, weights))
         train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1.0)
 
-        pred = self.apply(params, data.tables, data.cell_index, data.compound_index)
-        val_score = masked_mrrmse_jax(data.targets, pred, spec.val_mask)
+        rows = spec.val_rows
+        pred = self.apply(params, data.tables, data.cell_index[rows], data.compound_index[rows])
+        val_score = masked_mrrmse_jax(data.targets[rows], pred, spec.val_weight)
         improved = val_score < state.best_score
         state = MemberState(
             params=params,

@@ -42,6 +42,17 @@ def kfold_assignment(n_rows, folds, seed):
     return fold_of_row
 
 
+def padded_rows(masks):
+    """Row indices of each member's mask, padded to the longest with weight 0 (fixed shapes for vmap)."""
+    width = max(int(masks.sum(axis=1).max()), 1)
+    rows = np.zeros((len(masks), width), np.int32)
+    weight = np.zeros((len(masks), width), np.float32)
+    for i, mask in enumerate(masks):
+        (index,) = np.nonzero(mask)
+        rows[i, : len(index)], weight[i, : len(index)] = index, 1.0
+    return {"val_rows": jnp.asarray(rows), "val_weight": jnp.asarray(weight)}
+
+
 @dataclasses.dataclass
 class TrainResult:
     members: MemberTable
@@ -82,7 +93,7 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None):
     specs = MemberSpec(
         key=member_keys(config.seed, members.seed, members.fold),
         train_mask=jnp.asarray(~val_masks),
-        val_mask=jnp.asarray(val_masks),
+        **padded_rows(val_masks),
     )
     engine = Ensemble(config, tables.width, train.targets.shape[1])
     steps = engine.steps_per_epoch(~val_masks)
