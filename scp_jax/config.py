@@ -34,6 +34,22 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetEncodingConfig:
+    stats: tuple[str, ...] = ("mean", "std", "median", "q25", "q75")
+    svd: int = 0  # 0: each statistic is a full gene vector; k: projected on the fold's top-k target components
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetsConfig:
+    svd: int = 0  # 0: the model predicts genes; k: it predicts the fold's top-k target components
+    loss_space: str = "genes"  # with svd: "genes" (decode, then MSE) or "components"
+
+
+CV_SCHEMES = ("kfold", "b_myeloid", "leave_cell_type_out", "full")
+TE_STATS = ("mean", "std", "median", "q25", "q75")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
     ensemble: int = 20
@@ -42,9 +58,12 @@ class Config:
     epochs_per_chunk: int = 5
     batch_size: int = 64
     features: tuple[str, ...] = ("onehot",)
+    cv: str = "kfold"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
+    target_encoding: TargetEncodingConfig = TargetEncodingConfig()
+    targets: TargetsConfig = TargetsConfig()
 
     def __post_init__(self):
         positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
@@ -58,6 +77,16 @@ class Config:
             raise UserError(f"config: model.activation must be 'relu' or 'gelu', got {self.model.activation!r}")
         if self.optim.learning_rate <= 0:
             raise UserError(f"config: optim.learning_rate must be > 0, got {self.optim.learning_rate}")
+        if self.cv not in CV_SCHEMES:
+            raise UserError(f"config: cv must be one of {', '.join(CV_SCHEMES)}, got {self.cv!r}")
+        unknown = [s for s in self.target_encoding.stats if s not in TE_STATS]
+        if unknown or not self.target_encoding.stats:
+            raise UserError(f"config: target_encoding.stats must be a non-empty subset of {', '.join(TE_STATS)}")
+        for key, value in {"target_encoding.svd": self.target_encoding.svd, "targets.svd": self.targets.svd}.items():
+            if value < 0:
+                raise UserError(f"config: {key} must be >= 0 (0 = no SVD), got {value}")
+        if self.targets.loss_space not in ("genes", "components"):
+            raise UserError(f"config: targets.loss_space must be 'genes' or 'components', got {self.targets.loss_space!r}")
 
 
 def _coerce(key, value, kind):

@@ -93,13 +93,14 @@ class ChunkLog:
 
 
 def cv_report(config, result):
+    """cv.json: the scheme and member table; CV fields are null where nothing is validated (cv = "full")."""
     return {
-        "scheme": "kfold",
-        "folds": config.folds,
+        "scheme": result.folds.scheme,
+        "folds": result.folds.n_folds,
         "ensemble_cv_mrrmse": result.ensemble_cv,
         "baselines_cv_mrrmse": result.baseline_cv,
         "members": [
-            dict(row, cv_mrrmse=float(score), best_epoch=int(epoch))
+            dict(row, cv_mrrmse=None if np.isnan(score) else float(score), best_epoch=int(epoch))
             for row, score, epoch in zip(result.members.rows(), result.member_cv, result.best_epoch)
         ],
     }
@@ -125,11 +126,14 @@ def main(argv=None):
     write_text(run_dir / "cv.json", json.dumps(report, indent=2) + "\n")
     if queries is not None:
         write_submission(run_dir / "submission.csv", queries.ids, train.genes, result.test_predictions)
+    seconds = time.perf_counter() - start
+    if result.ensemble_cv is None:
+        print(f"cv {result.folds.scheme}: no validation rows | {seconds:.1f} s -> {run_dir}")
+        return
     best_baseline = min(result.baseline_cv, key=result.baseline_cv.get)
     print(
-        f"CV MRRMSE ensemble {result.ensemble_cv:.4f} | zeros {result.baseline_cv['zeros']:.4f}"
-        f" | best baseline {best_baseline} {result.baseline_cv[best_baseline]:.4f}"
-        f" | {time.perf_counter() - start:.1f} s -> {run_dir}"
+        f"CV MRRMSE ({result.folds.scheme}) ensemble {result.ensemble_cv:.4f} | zeros {result.baseline_cv['zeros']:.4f}"
+        f" | best baseline {best_baseline} {result.baseline_cv[best_baseline]:.4f} | {seconds:.1f} s -> {run_dir}"
     )
 
 

@@ -29,6 +29,7 @@ class Data:
     cell_index: jnp.ndarray  # [n]
     compound_index: jnp.ndarray  # [n]
     tables: "FeatureTables"  # noqa: F821  (scp_jax.features.tables)
+    decoder: "TargetSVD | None"  # noqa: F821  (scp_jax.features.targets); None: the model predicts genes
 
 
 @struct.dataclass
@@ -36,6 +37,7 @@ class MemberSpec:
     """What makes a member itself: its key and which rows it trains and validates on."""
 
     key: jax.Array
+    fold: jnp.ndarray  # [] int: the slot of the per-fold tables and target basis this member uses
     train_mask: jnp.ndarray  # [n] bool
     val_rows: jnp.ndarray  # [v] row indices, padded to the largest validation set
     val_weight: jnp.ndarray  # [v] 1 for a real validation row, 0 for padding
@@ -75,10 +77,11 @@ class Ensemble:
     def __init__(self, config, in_features, n_genes):
         self.config = config
         self.n_genes = n_genes
+        n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
         self.tx = make_optimizer(config)
-        abstract = nnx.eval_shape(lambda: build_model(config, in_features, n_genes, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: build_model(config, in_features, n_out, nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract, nnx.Param)
-        self._make = lambda key: build_model(config, in_features, n_genes, nnx.Rngs(key))
+        self._make = lambda key: build_model(config, in_features, n_out, nnx.Rngs(key))
         self.init = jax.jit(jax.vmap(self._init_member))
         self.train_chunk = jax.jit(
             jax.vmap(self._train_chunk_member, in_axes=(0, 0, None, None, None)),
@@ -97,12 +100,22 @@ class Ensemble:
             epoch=jnp.array(0, jnp.int32),
         )
 
-    def apply(self, params, tables, cell_index, compound_index):
-        return nnx.merge(self.graphdef, params)(tables.rows(cell_index, compound_index))
+    def outputs(self, params, tables, fold, cell_index, compound_index):
+        return nnx.merge(self.graphdef, params)(tables.rows(fold, cell_index, compound_index))
 
-    def _loss(self, params, data, rows, weights):
-        pred = self.apply(params, data.tables, data.cell_index[rows], data.compound_index[rows])
-        per_row = jnp.mean(jnp.square(pred - data.targets[rows]), axis=-1)
+    def apply(self, params, tables, decoder, fold, cell_index, compound_index):
+        """Gene-space predictions: the outputs, decoded with the member's fold basis for SVD targets."""
+        out = self.outputs(params, tables, fold, cell_index, compound_index)
+        return out if decoder is None else decoder.decode(fold, out)
+
+    def _loss(self, params, data, fold, rows, weights):
+        pred = self.outputs(params, data.tables, fold, data.cell_index[rows], data.compound_index[rows])
+        target = data.targets[rows]
+        if data.decoder is not None and self.config.targets.loss_space == "components":
+            target = data.decoder.encode(fold, target)
+        elif data.decoder is not None:
+            pred = data.decoder.decode(fold, pred)
+        per_row = jnp.mean(jnp.square(pred - target), axis=-1)
         return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     def _epoch(self, state, spec, data, steps):
@@ -119,7 +132,7 @@ class Ensemble:
         def step(carry, batch):
             params, opt_state = carry
             batch_rows, batch_weights = batch
-            loss, grads = jax.value_and_grad(self._loss)(params, data, batch_rows, batch_weights)
+            loss, grads = jax.value_and_grad(self._loss)(params, data, spec.fold, batch_rows, batch_weights)
             updates, new_opt_state = self.tx.update(grads, opt_state, params)
             new = (optax.apply_updates(params, updates), new_opt_state)
             # An empty batch (a member with fewer training rows) must not move the optimizer.
@@ -129,9 +142,11 @@ class Ensemble:
         train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1.0)
 
         rows = spec.val_rows
-        pred = self.apply(params, data.tables, data.cell_index[rows], data.compound_index[rows])
-        val_score = masked_mrrmse_jax(data.targets[rows], pred, spec.val_weight)
-        improved = val_score < state.best_score
+        pred = self.apply(params, data.tables, data.decoder, spec.fold, data.cell_index[rows], data.compound_index[rows])
+        # A member without validation rows (cv = "full") scores NaN and keeps its last epoch as best.
+        has_val = jnp.sum(spec.val_weight) > 0
+        val_score = jnp.where(has_val, masked_mrrmse_jax(data.targets[rows], pred, spec.val_weight), jnp.nan)
+        improved = jnp.where(has_val, val_score < state.best_score, True)
         state = MemberState(
             params=params,
             opt_state=opt_state,
@@ -148,20 +163,24 @@ class Ensemble:
     def steps_per_epoch(self, train_masks):
         return math.ceil(int(np.max(np.sum(train_masks, axis=1))) / self.config.batch_size)
 
-    def mean_prediction(self, params, masks, tables, cell_index, compound_index):
+    def mean_prediction(self, params, folds, masks, data, cell_index, compound_index):
         """Per row, the mean prediction of the members whose mask holds that row (NaN if none).
 
         Members are summed one at a time (`lax.scan`), so memory stays at one [rows, genes] array.
         """
-        return self._mean_prediction(params, jnp.asarray(masks, jnp.float32), tables, cell_index, compound_index)
+        return self._mean_prediction(
+            params, jnp.asarray(folds), jnp.asarray(masks, jnp.float32), data.tables, data.decoder, cell_index,
+            compound_index,
+        )
 
     @jax.jit(static_argnums=0)
-    def _mean_prediction(self, params, masks, tables, cell_index, compound_index):
+    def _mean_prediction(self, params, folds, masks, tables, decoder, cell_index, compound_index):
         def add_member(total, member):
-            member_params, mask = member
-            return total + mask[:, None] * self.apply(member_params, tables, cell_index, compound_index), None
+            member_params, fold, mask = member
+            pred = self.apply(member_params, tables, decoder, fold, cell_index, compound_index)
+            return total + mask[:, None] * pred, None
 
         zeros = jnp.zeros((cell_index.shape[0], self.n_genes), jnp.float32)
-        total, _ = jax.lax.scan(add_member, zeros, (params, masks))
+        total, _ = jax.lax.scan(add_member, zeros, (params, folds, masks))
         count = jnp.sum(masks, axis=0)[:, None]
         return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
