@@ -12,7 +12,7 @@ from scp_jax.data.dataset import load_id_map, load_train, show
 from scp_jax.errors import UserError
 
 
-def _read_answers(path, genes, ids):
+def read_answers(path, genes, ids):
     """Hidden answer file (id + genes), rows aligned to `ids`."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (is this a synthetic world?)")
@@ -74,10 +74,10 @@ def score(world_dir, submission_path):
     train = load_train(world / "de_train.parquet")
     queries = load_id_map(world / "id_map.csv", train)
     predictions = read_submission(submission_path, queries.ids, train.genes)
-    truth = _read_answers(world / "hidden" / "truth.parquet", train.genes, queries.ids)
+    truth = read_answers(world / "hidden" / "truth.parquet", train.genes, queries.ids)
     scores = {"submission": metrics.mrrmse(truth, predictions)}
     if (world / "hidden" / "oracle.parquet").is_file():
-        oracle = _read_answers(world / "hidden" / "oracle.parquet", train.genes, queries.ids)
+        oracle = read_answers(world / "hidden" / "oracle.parquet", train.genes, queries.ids)
         scores["oracle"] = metrics.mrrmse(truth, oracle)
     baselines = metrics.fit_baselines(
         train.targets, train.cell_index, train.compound_index, np.ones(len(train.targets), bool),

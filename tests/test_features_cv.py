@@ -1,0 +1,194 @@
+"""Feature sets, per-fold target encodings, SVD targets and CV schemes, on the 64-gene world."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from scp_jax.config import load_config
+from scp_jax.data.dataset import load_id_map, load_train
+from scp_jax.engine.cv import HELD_OUT_CELLS, make_folds
+from scp_jax.engine.trainer import train_ensemble
+from scp_jax.errors import UserError
+from scp_jax.features.tables import build_tables, target_decoder
+from scp_jax.features.targets import fold_svd
+
+ENGINE = ["model.hidden=[16]", "batch_size=32", "epochs=3", "epochs_per_chunk=3", "ensemble=4"]
+
+
+@pytest.fixture(scope="module")
+def train(small_world):
+    return load_train(small_world / "de_train.parquet")
+
+
+def held_out_rows(train):
+    return np.isin(np.asarray(train.cell_types)[train.cell_index], HELD_OUT_CELLS)
+
+
+def member_features(config, train, folds):
+    """Every slot's input features for every row, through the engine's own table build and gather."""
+    tables = build_tables(config, train, folds.train_masks())
+    slots = jnp.arange(folds.n_folds + 1)
+    gather = jax.vmap(tables.rows, in_axes=(0, None, None))
+    return np.asarray(gather(slots, jnp.asarray(train.cell_index), jnp.asarray(train.compound_index)))
+
+
+def test_table_shapes(train):
+    config = load_config(None, ['features=["onehot", "morgan:bits=128", "target_encoding"]', "target_encoding.svd=4",
+                                'target_encoding.stats=["mean", "q75"]'])
+    folds = make_folds("kfold", train, 5, 0)
+    tables = build_tables(config, train, folds.train_masks())
+    n_cells, n_compounds = len(train.cell_types), len(train.compounds)
+    assert tables.cell.shape == (n_cells, n_cells)
+    assert tables.compound.shape == (n_compounds, n_compounds + 128)
+    assert tables.fold_cell.shape == (6, n_cells, 2 * 4 + 1)  # 5 folds + the all-rows slot; 2 stats x 4 + flag
+    assert tables.fold_compound.shape == (6, n_compounds, 2 * 4 + 1)
+    assert tables.width == n_cells + n_compounds + 128 + 18
+    assert tables.rows(2, jnp.arange(3), jnp.arange(3)).shape == (3, tables.width)
+
+
+def test_target_encoding_equals_float64_recomputation(train):
+    config = load_config(None, ['features=["target_encoding"]'])
+    folds = make_folds("b_myeloid", train, 5, 0)
+    tables = build_tables(config, train, folds.train_masks())
+    fold = 1
+    fit = folds.fold_of_row != fold
+    frame = pd.DataFrame(train.targets[fit].astype(np.float64))
+    for groups, table, n in ((train.cell_index, tables.fold_cell, len(train.cell_types)),
+                             (train.compound_index, tables.fold_compound, len(train.compounds))):
+        by = frame.groupby(groups[fit])
+        stats = [by.mean(), by.std(ddof=0), by.median(), by.quantile(0.25), by.quantile(0.75)]
+        expected = np.zeros((n, table.shape[2]))
+        expected[:, -1] = 1.0
+        seen = stats[0].index.to_numpy()
+        expected[seen, :-1] = np.concatenate([s.to_numpy() for s in stats], axis=1)
+        expected[seen, -1] = 0.0
+        np.testing.assert_allclose(np.asarray(table[fold]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_b_myeloid_compounds_held_out_of_one_fold_lose_nothing_else(train):
+    config = load_config(None, ['features=["target_encoding"]'])
+    folds = make_folds("b_myeloid", train, 5, 0)
+    tables = build_tables(config, train, folds.train_masks())
+    # a compound whose B/Myeloid rows are validated still has its T/NK rows: it is never "unseen"
+    assert not np.asarray(tables.fold_compound[:, :, -1]).any()
+
+
+def test_svd_targets_round_trip_at_full_rank():
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(80, 24)).astype(np.float32)
+    masks = np.stack([np.arange(80) % 2 == 0, np.ones(80, bool)])
+    svd = fold_svd(targets, masks, 24, "targets.svd")
+    for slot in range(2):
+        np.testing.assert_allclose(svd.basis[slot] @ svd.basis[slot].T, np.eye(24), atol=1e-10)
+        np.testing.assert_allclose(svd.decode(slot, svd.encode(slot, targets)), targets, atol=1e-5)
+    with pytest.raises(UserError, match="targets.svd = 25 exceeds the rank bound 24"):
+        fold_svd(targets, masks, 25, "targets.svd")
+
+
+def test_svd_decoder_on_device_uses_the_members_fold(train):
+    config = load_config(None, ["targets.svd=5"])
+    folds = make_folds("kfold", train, 3, 0)
+    decoder = target_decoder(config, train.targets, folds.train_masks())
+    assert decoder.basis.shape == (4, 5, len(train.genes)) and decoder.mean.shape == (4, len(train.genes))
+    mean = train.targets[folds.fold_of_row != 2].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(np.asarray(decoder.mean[2]), mean, atol=1e-5)
+
+
+def test_cv_scheme_masks(train):
+    held = held_out_rows(train)
+    b_compounds = np.unique(train.compound_index[held])
+    assert len(b_compounds) == 17
+
+    b = make_folds("b_myeloid", train, 5, 0)
+    assert b.n_folds == 5
+    validated = b.fold_of_row >= 0
+    np.testing.assert_array_equal(validated, held)  # every B/Myeloid row, nothing else
+    for fold in range(5):
+        rows = b.fold_of_row == fold
+        compounds = np.unique(train.compound_index[rows])
+        # exactly the B/Myeloid rows of this fold's compounds; their T/NK rows train
+        np.testing.assert_array_equal(rows, held & np.isin(train.compound_index, compounds))
+        assert b.train_masks()[fold][~held & np.isin(train.compound_index, compounds)].all()
+    assert sorted(np.bincount(b.fold_of_row[validated])) != [] and b.train_masks()[5].all()
+
+    lcto = make_folds("leave_cell_type_out", train, 5, 0)
+    assert lcto.n_folds == 4
+    for fold in range(4):
+        rows = lcto.fold_of_row == fold
+        assert len(np.unique(train.cell_index[rows])) == 1
+        assert not held[rows].any() and not np.isin(train.compound_index[rows], b_compounds).any()
+    assert (lcto.fold_of_row[np.isin(train.compound_index, b_compounds)] == -1).all()
+
+    full = make_folds("full", train, 5, 0)
+    assert full.n_folds == 0 and full.train_masks().shape == (1, len(train.targets)) and full.train_masks().all()
+
+    k = make_folds("kfold", train, 5, 0)
+    assert (k.fold_of_row >= 0).all() and not k.train_masks()[5].sum() < len(train.targets)
+
+
+@pytest.mark.parametrize("scheme, svd", [("kfold", 0), ("b_myeloid", 4)])
+def test_validation_targets_never_reach_the_inputs_of_members_validating_them(train, scheme, svd):
+    config = load_config(None, ['features=["onehot", "target_encoding"]', f"target_encoding.svd={svd}"])
+    folds = make_folds(scheme, train, 5, 0)
+    before = member_features(config, train, folds)
+    for row in np.flatnonzero(folds.fold_of_row >= 0)[:2]:
+        targets = train.targets.copy()
+        targets[row] += 5.0
+        after = member_features(config, dataclasses.replace(train, targets=targets), folds)
+        for slot in range(folds.n_folds + 1):
+            if folds.fold_of_row[row] == slot:
+                np.testing.assert_array_equal(after[slot], before[slot])  # validates the row: blind to it
+            else:
+                assert not np.array_equal(after[slot], before[slot])  # trains on it: its encodings move
+
+
+def test_unknown_feature_set_lists_the_valid_ones(train):
+    config = load_config(None, ['features=["onehot", "fingerprints"]'])
+    with pytest.raises(UserError, match="unknown feature set 'fingerprints'; valid: 'onehot', 'morgan"):
+        build_tables(config, train, make_folds("full", train, 5, 0).train_masks())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cv=random", "cv must be one of kfold, b_myeloid"),
+    ('target_encoding.stats=["max"]', "target_encoding.stats must be a non-empty subset"),
+    ("targets.loss_space=pca", "targets.loss_space must be 'genes' or 'components'"),
+    ("targets.svd=-1", "targets.svd must be >= 0"),
+])
+def test_bad_feature_config(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def run(small_world, train, overrides):
+    config = load_config(None, ENGINE + overrides)
+    return train_ensemble(config, train, load_id_map(small_world / "id_map.csv", train))
+
+
+def test_engine_with_molecules_target_encoding_and_svd_components(small_world, train):
+    result = run(small_world, train, ['features=["onehot", "morgan:bits=128", "target_encoding"]', "cv=b_myeloid",
+                                      "target_encoding.svd=4", "targets.svd=8", "targets.loss_space=components"])
+    assert result.members.scheme == "b_myeloid" and np.isfinite(result.member_cv).all()
+    assert np.isfinite(result.ensemble_cv) and set(result.baseline_cv) >= {"zeros", "compound_median"}
+    assert result.test_predictions.shape == (255, len(train.genes)) and np.isfinite(result.test_predictions).all()
+
+
+def test_engine_with_chemberta_file_descriptors_and_svd_genes(small_world, train, tmp_path):
+    path = tmp_path / "chemberta.npz"
+    features = np.random.default_rng(0).normal(size=(len(train.compounds), 16)).astype(np.float32)
+    np.savez(path, smiles=np.asarray(train.compound_smiles), features=features)
+    result = run(small_world, train, [f'features=["chemberta:{path}", "descriptors", "target_encoding"]',
+                                      "cv=leave_cell_type_out", "targets.svd=8"])
+    assert result.folds.n_folds == 4 and sorted(result.members.fold) == [0, 1, 2, 3]
+    assert np.isfinite(result.ensemble_cv) and np.isfinite(result.test_predictions).all()
+
+
+def test_engine_full_scheme_keeps_last_epoch_and_has_no_cv(small_world, train):
+    result = run(small_world, train, ['features=["onehot", "target_encoding"]', "cv=full"])
+    assert (result.members.fold == 0).all() and list(result.members.seed) == [0, 1, 2, 3]
+    assert np.isnan(result.member_cv).all() and (result.best_epoch == 2).all()
+    assert result.ensemble_cv is None and result.baseline_cv is None
+    assert np.isfinite(result.test_predictions).all()
