@@ -24,7 +24,7 @@ from scp_jax.engine.trainer import train_ensemble
 from scp_jax.metrics import fit_baselines, mrrmse
 
 SCHEMES = ("kfold", "b_myeloid")
-FULL = {"genes": 18211, "ensemble": 10, "epochs": 30, "te_svd": 32, "target_svd": 64}
+FULL = {"genes": 18211, "ensemble": 5, "epochs": 20, "te_svd": 32, "target_svd": 64}
 QUICK = {"genes": 64, "ensemble": 2, "epochs": 2, "te_svd": 4, "target_svd": 8}  # and only the last feature set
 
 
