@@ -75,21 +75,36 @@ class ChunkLog:
     def __init__(self, path, config):
         self.path, self.config = path, config
         self.path.touch()
+        self.first = True
 
     def __call__(self, epoch, metrics, seconds):
         n_epochs, n_members = metrics["val_mrrmse"].shape[1], metrics["val_mrrmse"].shape[0]
         with self.path.open("a") as f:
             for i in range(n_epochs):
                 line = {"epoch": epoch - n_epochs + i + 1}
-                line.update({name: np.round(values[:, i], 6).tolist() for name, values in metrics.items()})
+                line.update({name: np.round(values[:, i].astype(float), 6).tolist() for name, values in metrics.items()})
                 f.write(json.dumps(line) + "\n")
-        last = metrics["val_mrrmse"][:, -1]
+        running = metrics["running"][:, -1]
+        last = metrics["val_mrrmse"][running, -1]
         print(
-            f"epoch {epoch:4d}/{self.config.epochs}  val MRRMSE best {np.nanmin(last):.4f} mean {np.nanmean(last):.4f}"
-            f"  train loss {np.nanmean(metrics['train_loss'][:, -1]):.4f}"
-            f"  {n_members * n_epochs / seconds:8.1f} member-epochs/s",
+            f"epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}"
+            f"  val MRRMSE best {np.nanmin(last, initial=np.inf):.4f} mean {np.nanmean(last):.4f}"
+            f"  train loss {np.nanmean(metrics['train_loss'][running, -1]):.4f}"
+            f"  {metrics['running'].sum() / seconds:8.1f} member-epochs/s" + (" (incl. compile)" if self.first else ""),
             flush=True,
         )
+        self.first = False
+
+
+def member_rows(result):
+    """The member table with each member's outcome: its score, best epoch and how it ended."""
+    rows = []
+    for row, score, best, stopped, diverged in zip(result.members.rows(), result.member_cv, result.best_epoch,
+                                                    result.stopped_epoch, result.diverged):
+        status = "diverged" if diverged else "early_stopped" if stopped >= 0 else "completed"
+        rows.append(dict(row, cv_mrrmse=float(score) if np.isfinite(score) else None, best_epoch=int(best),
+                         status=status, stopped_epoch=int(stopped)))
+    return rows
 
 
 def cv_report(config, result):
@@ -98,17 +113,23 @@ def cv_report(config, result):
         "folds": config.folds,
         "ensemble_cv_mrrmse": result.ensemble_cv,
         "baselines_cv_mrrmse": result.baseline_cv,
-        "members": [
-            dict(row, cv_mrrmse=float(score), best_epoch=int(epoch))
-            for row, score, epoch in zip(result.members.rows(), result.member_cv, result.best_epoch)
-        ],
+        "members": member_rows(result),
     }
+
+
+def write_member_table(path, rows):
+    columns = list(rows[0])
+    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
+    write_text(path, "\n".join(lines) + "\n")
 
 
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
     config = resolve_config(args)
+    from scp_jax.engine.devices import initialize_distributed
+
+    initialize_distributed(config.distributed)
     from scp_jax.data.dataset import load_id_map, load_train, write_submission
     from scp_jax.engine.trainer import train_ensemble
 
@@ -123,6 +144,10 @@ def main(argv=None):
     result = train_ensemble(config, train, queries, on_chunk=ChunkLog(run_dir / "metrics.jsonl", config))
     report = cv_report(config, result)
     write_text(run_dir / "cv.json", json.dumps(report, indent=2) + "\n")
+    write_member_table(run_dir / "members.csv", report["members"])
+    for row in report["members"]:
+        if row["status"] == "diverged":
+            print(f"member {row['member']} diverged (NaN/Inf) at epoch {row['stopped_epoch']}; kept its best epoch")
     if queries is not None:
         write_submission(run_dir / "submission.csv", queries.ids, train.genes, result.test_predictions)
     best_baseline = min(result.baseline_cv, key=result.baseline_cv.get)

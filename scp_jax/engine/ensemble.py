@@ -1,12 +1,15 @@
 """The ensemble as one compiled program.
 
-Every member is a pure pytree (parameters, optimizer state, best parameters). One member's epoch
-is written once, for a single member, then `jax.vmap` lays it over the member axis and
+Every member is a pure pytree (parameters, optimizer state, best parameters, flags). One member's
+epoch is written once, for a single member, then `jax.vmap` lays it over the member axis and
 `jax.lax.scan` runs a chunk of epochs inside one `jax.jit`, so the host only sees chunk ends.
-Member i's randomness is `fold_in(root, seed_i, fold_i)`: it depends on who the member is, not
-on how many members train beside it, so a member trains the same alone or in an ensemble.
+Member i's randomness is `fold_in(root, seed_i, fold_i)` further folded with the epoch and step:
+it depends on who the member is, not on how many members train beside it, so a member trains the
+same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state
+(`optax.inject_hyperparams`) and spec, so a sweep is one program too.
 """
 
+import functools
 import math
 
 import jax
@@ -17,8 +20,9 @@ from flax import nnx, struct
 
 from scp_jax.metrics import masked_mrrmse_jax
 from scp_jax.models import build_model
+from scp_jax.precision import round_like, upcast
 
-_INIT, _SHUFFLE = 0, 1  # streams folded into a member's key
+_INIT, _SHUFFLE, _DROPOUT, _ROUNDING = range(4)  # streams folded into a member's key
 
 
 @struct.dataclass
@@ -33,12 +37,14 @@ class Data:
 
 @struct.dataclass
 class MemberSpec:
-    """What makes a member itself: its key and which rows it trains and validates on."""
+    """What makes a member itself: its key, its rows, its hyperparameters."""
 
-    key: jax.Array
+    seed: jnp.ndarray  # int
+    fold: jnp.ndarray  # int
     train_mask: jnp.ndarray  # [n] bool
     val_rows: jnp.ndarray  # [v] row indices, padded to the largest validation set
     val_weight: jnp.ndarray  # [v] 1 for a real validation row, 0 for padding
+    hparams: dict  # name -> scalar (see members.HYPERPARAMETERS)
 
 
 @struct.dataclass
@@ -49,19 +55,18 @@ class MemberState:
     best_score: jnp.ndarray  # validation MRRMSE of best_params
     best_epoch: jnp.ndarray
     epoch: jnp.ndarray  # epochs completed
+    stopped_at: jnp.ndarray  # epoch the member stopped updating (patience or divergence); -1 = running
+    diverged: jnp.ndarray  # loss or score turned NaN/Inf; parameters were reset to the best
 
 
-def member_keys(root_seed, seeds, folds):
-    root = jax.random.key(root_seed)
-    return jax.vmap(lambda s, f: jax.random.fold_in(jax.random.fold_in(root, s), f))(
-        jnp.asarray(seeds), jnp.asarray(folds)
-    )
+def _optimizer(learning_rate, weight_decay, clip_norm):
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
 
 
-def make_optimizer(config):
-    return optax.chain(
-        optax.clip_by_global_norm(config.optim.clip_norm),
-        optax.adamw(config.optim.learning_rate, weight_decay=config.optim.weight_decay),
+def optimizer(learning_rate=1.0, weight_decay=0.0, clip_norm=1.0):
+    """AdamW after global-norm clipping; the values live in the state, so each member has its own."""
+    return optax.inject_hyperparams(_optimizer, hyperparam_dtype=jnp.float32)(
+        learning_rate=learning_rate, weight_decay=weight_decay, clip_norm=clip_norm
     )
 
 
@@ -69,16 +74,31 @@ def tree_select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def _fold_in(key, *data):
+    for d in data:
+        key = jax.random.fold_in(key, d)
+    return key
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_ensemble(config, in_features, n_genes, masks=frozenset()):
+    """One Ensemble (and its compiled programs) per configuration and shape, reused across runs."""
+    return Ensemble(config, in_features, n_genes, masks)
+
+
 class Ensemble:
     """Compiled init / train-chunk / predict functions for one config and data shape."""
 
-    def __init__(self, config, in_features, n_genes):
+    def __init__(self, config, in_features, n_genes, masks=frozenset()):
+        """`masks` names the random masks some member uses ("dropout", "input_mask"): only those
+        are built, since they cost time and compile time."""
         self.config = config
+        self.root_key = jax.random.key(config.seed)
         self.n_genes = n_genes
-        self.tx = make_optimizer(config)
-        abstract = nnx.eval_shape(lambda: build_model(config, in_features, n_genes, nnx.Rngs(0)))
-        self.graphdef, _ = nnx.split(abstract, nnx.Param)
+        self.tx = optimizer()  # update() reads each member's hyperparameters from its state
+        self.masks = masks
         self._make = lambda key: build_model(config, in_features, n_genes, nnx.Rngs(key))
+        self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
         self.init = jax.jit(jax.vmap(self._init_member))
         self.train_chunk = jax.jit(
             jax.vmap(self._train_chunk_member, in_axes=(0, 0, None, None, None)),
@@ -86,30 +106,59 @@ class Ensemble:
             donate_argnums=0,
         )
 
-    def _init_member(self, key):
-        params = nnx.state(self._make(jax.random.fold_in(key, _INIT)), nnx.Param)
+    def member_key(self, spec, *streams):
+        """The member's own key (from its seed and fold), folded with a stream, epoch, step..."""
+        return _fold_in(self.root_key, spec.seed, spec.fold, *streams)
+
+    def _init_member(self, spec):
+        params = nnx.state(self._make(self.member_key(spec, _INIT)), nnx.Param)
+        hparams = {k: spec.hparams[k] for k in ("learning_rate", "weight_decay", "clip_norm")}
+        opt_state = optimizer(**hparams).init(params)  # moments take the parameters' dtype
         return MemberState(
             params=params,
-            opt_state=self.tx.init(params),
+            opt_state=opt_state,
             best_params=jax.tree.map(jnp.copy, params),
             best_score=jnp.array(jnp.inf, jnp.float32),
             best_epoch=jnp.array(-1, jnp.int32),
             epoch=jnp.array(0, jnp.int32),
+            stopped_at=jnp.array(-1, jnp.int32),
+            diverged=jnp.array(False),
         )
 
-    def apply(self, params, tables, cell_index, compound_index):
-        return nnx.merge(self.graphdef, params)(tables.rows(cell_index, compound_index))
+    def apply(self, params, tables, cell_index, compound_index, spec=None, key=None):
+        """Predictions for rows; with a key (training), input masking and dropout from the spec."""
+        x = tables.rows(cell_index, compound_index)
+        model = nnx.merge(self.graphdef, params)
+        if key is None:
+            return model(x)
+        mask_key, dropout_key = jax.random.split(key)
+        if "input_mask" in self.masks:
+            x = jnp.where(jax.random.uniform(mask_key, x.shape) >= spec.hparams["input_mask"], x, 0.0)
+        if "dropout" in self.masks:
+            return model(x, dropout_rate=spec.hparams["dropout"], key=dropout_key)
+        return model(x)
 
-    def _loss(self, params, data, rows, weights):
-        pred = self.apply(params, data.tables, data.cell_index[rows], data.compound_index[rows])
+    def _loss(self, params, data, rows, weights, spec, key):
+        pred = self.apply(params, data.tables, data.cell_index[rows], data.compound_index[rows], spec, key)
         per_row = jnp.mean(jnp.square(pred - data.targets[rows]), axis=-1)
         return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def _update(self, params, opt_state, grads, key):
+        """One optimizer step; in bf16_state the arithmetic is float32 and the writes stochastically rounded."""
+        if self.config.precision != "bf16_state":
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+        params32, state32 = upcast(params), upcast(opt_state)
+        updates, new_state32 = self.tx.update(upcast(grads), state32, params32)
+        new_params32 = jax.tree.map(jnp.add, params32, updates)
+        key_params, key_state = jax.random.split(key)
+        return round_like(new_params32, params, key_params), round_like(new_state32, opt_state, key_state)
 
     def _epoch(self, state, spec, data, steps):
         """One epoch of one member: shuffle its training rows, `steps` minibatches, validate."""
         batch_size = self.config.batch_size
         n_rows = spec.train_mask.shape[0]
-        key = jax.random.fold_in(jax.random.fold_in(spec.key, _SHUFFLE), state.epoch)
+        key = self.member_key(spec, _SHUFFLE, state.epoch)
         # Training rows first in a random order; validation rows sort last and are never used.
         order = jnp.argsort(jnp.where(spec.train_mask, jax.random.uniform(key, (n_rows,)), 2.0))
         slots = jnp.arange(steps * batch_size)
@@ -118,29 +167,43 @@ class Ensemble:
 
         def step(carry, batch):
             params, opt_state = carry
-            batch_rows, batch_weights = batch
-            loss, grads = jax.value_and_grad(self._loss)(params, data, batch_rows, batch_weights)
-            updates, new_opt_state = self.tx.update(grads, opt_state, params)
-            new = (optax.apply_updates(params, updates), new_opt_state)
-            # An empty batch (a member with fewer training rows) must not move the optimizer.
-            return tree_select(jnp.sum(batch_weights) > 0, new, carry), loss * jnp.sum(batch_weights)
+            index, batch_rows, batch_weights = batch
+            dropout_key = self.member_key(spec, _DROPOUT, state.epoch, index)
+            loss, grads = jax.value_and_grad(self._loss)(params, data, batch_rows, batch_weights, spec, dropout_key)
+            new = self._update(params, opt_state, grads, self.member_key(spec, _ROUNDING, state.epoch, index))
+            # Stopped members and empty batches (fewer training rows) leave the member untouched.
+            active = jnp.logical_and(state.stopped_at < 0, jnp.sum(batch_weights) > 0)
+            return tree_select(active, new, carry), loss * jnp.sum(batch_weights)
 
-        (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), (rows, weights))
+        batches = (jnp.arange(steps), rows, weights)
+        (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), batches)
         train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1.0)
 
-        rows = spec.val_rows
-        pred = self.apply(params, data.tables, data.cell_index[rows], data.compound_index[rows])
-        val_score = masked_mrrmse_jax(data.targets[rows], pred, spec.val_weight)
-        improved = val_score < state.best_score
+        val = spec.val_rows
+        pred = self.apply(params, data.tables, data.cell_index[val], data.compound_index[val])
+        val_score = masked_mrrmse_jax(data.targets[val], pred, spec.val_weight)
+        return self._after_epoch(state, params, opt_state, train_loss, val_score)
+
+    def _after_epoch(self, state, params, opt_state, train_loss, val_score):
+        """Keep the best parameters (a real copy), stop on patience, freeze a diverged member at its best."""
+        running = state.stopped_at < 0
+        diverged = running & ~(jnp.isfinite(train_loss) & jnp.isfinite(val_score))
+        improved = running & ~diverged & (val_score < state.best_score)
+        best_epoch = jnp.where(improved, state.epoch, state.best_epoch)
+        patience = self.config.patience
+        out_of_patience = (state.epoch - best_epoch >= patience) if patience else jnp.array(False)
+        best_params = tree_select(improved, params, state.best_params)
         state = MemberState(
-            params=params,
+            params=tree_select(diverged, best_params, params),
             opt_state=opt_state,
-            best_params=tree_select(improved, params, state.best_params),
+            best_params=best_params,
             best_score=jnp.where(improved, val_score, state.best_score),
-            best_epoch=jnp.where(improved, state.epoch, state.best_epoch),
+            best_epoch=best_epoch,
             epoch=state.epoch + 1,
+            stopped_at=jnp.where(running & (diverged | out_of_patience), state.epoch, state.stopped_at),
+            diverged=state.diverged | diverged,
         )
-        return state, {"train_loss": train_loss, "val_mrrmse": val_score}
+        return state, {"train_loss": train_loss, "val_mrrmse": val_score, "running": running}
 
     def _train_chunk_member(self, state, spec, data, n_epochs, steps):
         return jax.lax.scan(lambda s, _: self._epoch(s, spec, data, steps), state, length=n_epochs)
@@ -148,20 +211,15 @@ class Ensemble:
     def steps_per_epoch(self, train_masks):
         return math.ceil(int(np.max(np.sum(train_masks, axis=1))) / self.config.batch_size)
 
-    def mean_prediction(self, params, masks, tables, cell_index, compound_index):
-        """Per row, the mean prediction of the members whose mask holds that row (NaN if none).
-
-        Members are summed one at a time (`lax.scan`), so memory stays at one [rows, genes] array.
-        """
-        return self._mean_prediction(params, jnp.asarray(masks, jnp.float32), tables, cell_index, compound_index)
+    @jax.jit(static_argnums=0)
+    def predict_members(self, params, tables, cell_index, compound_index):
+        """[members, rows, genes]: every member's prediction for the rows."""
+        return jax.vmap(self.apply, in_axes=(0, None, None, None))(params, tables, cell_index, compound_index)
 
     @jax.jit(static_argnums=0)
-    def _mean_prediction(self, params, masks, tables, cell_index, compound_index):
-        def add_member(total, member):
-            member_params, mask = member
-            return total + mask[:, None] * self.apply(member_params, tables, cell_index, compound_index), None
-
-        zeros = jnp.zeros((cell_index.shape[0], self.n_genes), jnp.float32)
-        total, _ = jax.lax.scan(add_member, zeros, (params, masks))
+    def masked_mean_prediction(self, params, masks, tables, cell_index, compound_index):
+        """Per row, the mean prediction of the members whose mask holds that row (NaN if none)."""
+        preds = self.predict_members(params, tables, cell_index, compound_index)
         count = jnp.sum(masks, axis=0)[:, None]
+        total = jnp.einsum("mr,mrg->rg", masks.astype(jnp.float32), preds)
         return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)

@@ -7,32 +7,13 @@ pull out-of-fold and test predictions.
 import dataclasses
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from scp_jax.engine.ensemble import Data, Ensemble, MemberSpec, member_keys
+from scp_jax.engine.devices import MemberPlacement, to_host
+from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
+from scp_jax.engine.members import MemberTable
 from scp_jax.features.tables import build_tables
 from scp_jax.metrics import BASELINES, fit_baselines, mrrmse
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberTable:
-    """Member i = (seed i // folds, fold i % folds): seeds repeat the whole set of folds."""
-
-    seed: np.ndarray
-    fold: np.ndarray
-
-    @classmethod
-    def for_ensemble(cls, ensemble, folds):
-        index = np.arange(ensemble)
-        return cls(seed=index // folds, fold=index % folds)
-
-    def __len__(self):
-        return len(self.seed)
-
-    def rows(self):
-        return [{"member": i, "seed": int(s), "fold": int(f)} for i, (s, f) in enumerate(zip(self.seed, self.fold))]
 
 
 def kfold_assignment(n_rows, folds, seed):
@@ -50,7 +31,7 @@ def padded_rows(masks):
     for i, mask in enumerate(masks):
         (index,) = np.nonzero(mask)
         rows[i, : len(index)], weight[i, : len(index)] = index, 1.0
-    return {"val_rows": jnp.asarray(rows), "val_weight": jnp.asarray(weight)}
+    return rows, weight
 
 
 @dataclasses.dataclass
@@ -58,10 +39,12 @@ class TrainResult:
     members: MemberTable
     member_cv: np.ndarray  # [members] best validation MRRMSE
     best_epoch: np.ndarray  # [members]
+    stopped_epoch: np.ndarray  # [members] epoch a member stopped at (early stop or divergence), -1 if never
+    diverged: np.ndarray  # [members] bool
     ensemble_cv: float  # out-of-fold mean of members, over rows some member validates
     baseline_cv: dict  # same rows, baselines fitted per fold
     test_predictions: np.ndarray | None  # [queries, genes] mean over members
-    state: object  # final MemberState (stacked over members), for checkpoints and export
+    state: object  # final MemberState (stacked over members, padding included), for checkpoints and export
 
 
 def baseline_cv(train, fold_of_row, validated_folds):
@@ -78,58 +61,64 @@ def baseline_cv(train, fold_of_row, validated_folds):
     return {name: mrrmse(train.targets[rows], oof[name][rows]) for name in BASELINES}
 
 
-def train_ensemble(config, train, queries=None, members=None, on_chunk=None):
-    """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk."""
-    members = members or MemberTable.for_ensemble(config.ensemble, config.folds)
-    fold_of_row = kfold_assignment(len(train.targets), config.folds, config.seed)
+def member_specs(members, fold_of_row):
     val_masks = fold_of_row[None, :] == members.fold[:, None]
+    val_rows, val_weight = padded_rows(val_masks)
+    spec = MemberSpec(seed=members.seed, fold=members.fold, train_mask=~val_masks, val_rows=val_rows,
+                      val_weight=val_weight, hparams=members.hparams)
+    return spec, val_masks
+
+
+def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None):
+    """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk."""
+    members = members or MemberTable.from_config(config)
+    placement = placement or MemberPlacement()
+    # Pad the member axis to fill every device; padding members repeat member 0 and are dropped.
+    padded = members.take(np.arange(placement.padded(len(members))) % len(members))
+    n = len(members)
+    fold_of_row = kfold_assignment(len(train.targets), config.folds, config.seed)
+    specs, val_masks = member_specs(padded, fold_of_row)
     tables = build_tables(config.features, train)
-    data = Data(
-        targets=jnp.asarray(train.targets),
-        cell_index=jnp.asarray(train.cell_index),
-        compound_index=jnp.asarray(train.compound_index),
-        tables=tables,
-    )
-    specs = MemberSpec(
-        key=member_keys(config.seed, members.seed, members.fold),
-        train_mask=jnp.asarray(~val_masks),
-        **padded_rows(val_masks),
-    )
-    engine = Ensemble(config, tables.width, train.targets.shape[1])
+    data = placement.replicate(Data(train.targets, train.cell_index, train.compound_index, tables))
+    specs = placement.shard(specs)
+    masks = frozenset(name for name in ("dropout", "input_mask") if members.hparams[name].any())
+    engine = compiled_ensemble(config, tables.width, train.targets.shape[1], masks)
     steps = engine.steps_per_epoch(~val_masks)
-    state = engine.init(specs.key)
+    state = engine.init(specs)
 
     epoch = 0
     while epoch < config.epochs:
         n_epochs = min(config.epochs_per_chunk, config.epochs - epoch)
         start = time.perf_counter()
         state, metrics = engine.train_chunk(state, specs, data, n_epochs, steps)
-        metrics = jax.tree.map(np.asarray, metrics)  # blocks until the chunk is done
+        metrics = {k: v[:n] for k, v in to_host(metrics).items()}  # blocks until the chunk is done
         epoch += n_epochs
         if on_chunk is not None:
             on_chunk(epoch, metrics, time.perf_counter() - start)
+        if not metrics["running"][:, -1].any():
+            break  # every member stopped: nothing left to compute
 
-    oof = np.asarray(
-        engine.mean_prediction(state.best_params, val_masks, tables, data.cell_index, data.compound_index)
-    )
-    validated = np.isin(fold_of_row, members.fold)
+    summary = to_host({"best_score": state.best_score, "best_epoch": state.best_epoch, "stopped_at": state.stopped_at,
+                       "diverged": state.diverged})
+    summary = {k: v[:n] for k, v in summary.items()}
+    # Padding members, and members that never reached a finite validation score, don't vote.
+    votes = np.zeros(len(padded), bool)
+    votes[:n] = np.isfinite(summary["best_score"])
+    oof = to_host(engine.masked_mean_prediction(state.best_params, placement.shard(val_masks & votes[:, None]),
+                                                data.tables, data.cell_index, data.compound_index))
     test_predictions = None
     if queries is not None:
-        test_predictions = np.asarray(
-            engine.mean_prediction(
-                state.best_params,
-                np.ones((len(members), len(queries.ids)), bool),
-                tables,
-                jnp.asarray(queries.cell_index),
-                jnp.asarray(queries.compound_index),
-            )
-        )
+        query_index = placement.replicate((queries.cell_index, queries.compound_index))
+        test_predictions = to_host(engine.predict_members(state.best_params, data.tables, *query_index))[votes].mean(0)
+    validated = np.isin(fold_of_row, members.fold[votes[:n]])
     return TrainResult(
         members=members,
-        member_cv=np.asarray(state.best_score),
-        best_epoch=np.asarray(state.best_epoch),
+        member_cv=summary["best_score"],
+        best_epoch=summary["best_epoch"],
+        stopped_epoch=summary["stopped_at"],
+        diverged=summary["diverged"],
         ensemble_cv=mrrmse(train.targets[validated], oof[validated]),
-        baseline_cv=baseline_cv(train, fold_of_row, np.unique(members.fold)),
+        baseline_cv=baseline_cv(train, fold_of_row, np.unique(members.fold[votes[:n]])),
         test_predictions=test_predictions,
         state=state,
     )
