@@ -4,7 +4,7 @@
 - `bf16`: float32 parameters and state, matmuls in bfloat16.
 - `bf16_state`: parameters and AdamW moments *stored* in bfloat16 (half the bytes the
   memory-bound optimizer step moves). Each step upcasts to float32, applies the update there,
-  and writes back with stochastic rounding, which is unbiased: a small update (lr * 1e-3 of a
+  and writes back with stochastic rounding (engine/optim.py), which is unbiased: a small update (lr * 1e-3 of a
   weight) survives in expectation instead of being rounded away as with round-to-nearest. There
   is no float32 master copy, so the memory floor really halves.
 """
@@ -43,19 +43,3 @@ def stochastic_round_bf16(x, seed):
     noise = _mix32(index * jnp.uint32(0x9E3779B9) + seed) & jnp.uint32(0xFFFF)
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
-
-
-def upcast(tree):
-    """bf16 leaves to float32 (other leaves unchanged)."""
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, tree)
-
-
-def round_like(tree32, like, key):
-    """Write float32 `tree32` back in the dtypes of `like`, stochastically rounding bf16 leaves."""
-    leaves32, treedef = jax.tree.flatten(tree32)
-    seeds = jax.random.bits(key, (len(leaves32),), jnp.uint32)
-    out = [
-        stochastic_round_bf16(x, seed) if ref.dtype == jnp.bfloat16 else x.astype(ref.dtype)
-        for x, ref, seed in zip(leaves32, jax.tree.leaves(like), seeds)
-    ]
-    return jax.tree.unflatten(treedef, out)

@@ -137,3 +137,25 @@ def test_sharded_over_8_devices_equals_one_device():
     np.testing.assert_allclose(eight["cv"], one["cv"], atol=1e-5)
     np.testing.assert_allclose(eight["kernel"], one["kernel"], atol=1e-5)
     assert eight["ensemble"] == pytest.approx(one["ensemble"], abs=1e-5)
+
+
+def test_fused_adamw_equals_optax_chain():
+    import optax
+
+    from scp_jax.engine import optim
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w": jax.random.normal(keys[0], (5, 7)), "b": jax.random.normal(keys[1], (7,))}
+    reference = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=1e-3))
+    ref_state, ref_params = reference.init(params), params
+    state, fused = optim.init(params, 1e-2, 1e-3, 0.5), params
+    for i in range(6):
+        grads = jax.tree.map(lambda x: 3 * jax.random.normal(jax.random.fold_in(keys[2], i), x.shape), params)
+        updates, ref_state = reference.update(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        fused, state = optim.step(fused, grads, state)
+        frozen, frozen_state = optim.step(fused, grads, state, active=False)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(fused)))
+        assert int(frozen_state.count) == int(state.count)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

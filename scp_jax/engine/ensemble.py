@@ -5,8 +5,8 @@ epoch is written once, for a single member, then `jax.vmap` lays it over the mem
 `jax.lax.scan` runs a chunk of epochs inside one `jax.jit`, so the host only sees chunk ends.
 Member i's randomness is `fold_in(root, seed_i, fold_i)` further folded with the epoch and step:
 it depends on who the member is, not on how many members train beside it, so a member trains the
-same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state
-(`optax.inject_hyperparams`) and spec, so a sweep is one program too.
+same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state and spec,
+so a sweep is one program too.
 """
 
 import functools
@@ -15,12 +15,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx, struct
 
+from scp_jax.engine import optim
 from scp_jax.metrics import masked_mrrmse_jax
 from scp_jax.models import build_model
-from scp_jax.precision import round_like, upcast
 
 _INIT, _SHUFFLE, _DROPOUT, _ROUNDING = range(4)  # streams folded into a member's key
 
@@ -50,24 +49,13 @@ class MemberSpec:
 @struct.dataclass
 class MemberState:
     params: nnx.State
-    opt_state: optax.OptState
+    opt_state: optim.AdamWState
     best_params: nnx.State
     best_score: jnp.ndarray  # validation MRRMSE of best_params
     best_epoch: jnp.ndarray
     epoch: jnp.ndarray  # epochs completed
     stopped_at: jnp.ndarray  # epoch the member stopped updating (patience or divergence); -1 = running
     diverged: jnp.ndarray  # loss or score turned NaN/Inf; parameters were reset to the best
-
-
-def _optimizer(learning_rate, weight_decay, clip_norm):
-    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
-
-
-def optimizer(learning_rate=1.0, weight_decay=0.0, clip_norm=1.0):
-    """AdamW after global-norm clipping; the values live in the state, so each member has its own."""
-    return optax.inject_hyperparams(_optimizer, hyperparam_dtype=jnp.float32)(
-        learning_rate=learning_rate, weight_decay=weight_decay, clip_norm=clip_norm
-    )
 
 
 def tree_select(pred, on_true, on_false):
@@ -95,7 +83,6 @@ class Ensemble:
         self.config = config
         self.root_key = jax.random.key(config.seed)
         self.n_genes = n_genes
-        self.tx = optimizer()  # update() reads each member's hyperparameters from its state
         self.masks = masks
         self._make = lambda key: build_model(config, in_features, n_genes, nnx.Rngs(key))
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
@@ -113,7 +100,7 @@ class Ensemble:
     def _init_member(self, spec):
         params = nnx.state(self._make(self.member_key(spec, _INIT)), nnx.Param)
         hparams = {k: spec.hparams[k] for k in ("learning_rate", "weight_decay", "clip_norm")}
-        opt_state = optimizer(**hparams).init(params)  # moments take the parameters' dtype
+        opt_state = optim.init(params, **hparams)  # moments take the parameters' dtype
         return MemberState(
             params=params,
             opt_state=opt_state,
@@ -143,17 +130,6 @@ class Ensemble:
         per_row = jnp.mean(jnp.square(pred - data.targets[rows]), axis=-1)
         return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
-    def _update(self, params, opt_state, grads, key):
-        """One optimizer step; in bf16_state the arithmetic is float32 and the writes stochastically rounded."""
-        if self.config.precision != "bf16_state":
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-        params32, state32 = upcast(params), upcast(opt_state)
-        updates, new_state32 = self.tx.update(upcast(grads), state32, params32)
-        new_params32 = jax.tree.map(jnp.add, params32, updates)
-        key_params, key_state = jax.random.split(key)
-        return round_like(new_params32, params, key_params), round_like(new_state32, opt_state, key_state)
-
     def _epoch(self, state, spec, data, steps):
         """One epoch of one member: shuffle its training rows, `steps` minibatches, validate."""
         batch_size = self.config.batch_size
@@ -170,10 +146,13 @@ class Ensemble:
             index, batch_rows, batch_weights = batch
             dropout_key = self.member_key(spec, _DROPOUT, state.epoch, index)
             loss, grads = jax.value_and_grad(self._loss)(params, data, batch_rows, batch_weights, spec, dropout_key)
-            new = self._update(params, opt_state, grads, self.member_key(spec, _ROUNDING, state.epoch, index))
             # Stopped members and empty batches (fewer training rows) leave the member untouched.
             active = jnp.logical_and(state.stopped_at < 0, jnp.sum(batch_weights) > 0)
-            return tree_select(active, new, carry), loss * jnp.sum(batch_weights)
+            rounding_seed = None
+            if self.config.precision == "bf16_state":
+                rounding_seed = jax.random.bits(self.member_key(spec, _ROUNDING, state.epoch, index), (), jnp.uint32)
+            new = optim.step(params, grads, opt_state, active, rounding_seed)
+            return new, loss * jnp.sum(batch_weights)
 
         batches = (jnp.arange(steps), rows, weights)
         (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), batches)
