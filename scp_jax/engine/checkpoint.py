@@ -65,7 +65,8 @@ def place_like(state, named, n_members):
     return unflatten(state, leaves)
 
 
-def open_manager(directory, config=None, read_only=False):
+def open_manager(directory, config=None):
+    """A manager that writes (given the run's config: creates the dir, applies the keep policy) or only reads."""
     keep = None
     if config is not None:
         keep = policies.AnyPreservationPolicy([
@@ -73,15 +74,17 @@ def open_manager(directory, config=None, read_only=False):
             policies.BestN(get_metric_fn=lambda metrics: metrics[SCORE], reverse=True, n=1),
         ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=keep, read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only
+        preservation_policy=keep, create=config is not None, cleanup_tmp_directories=config is not None
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), item_names=ITEMS, options=options)
+    handlers = {STATE: ocp.StandardCheckpointHandler(), TABLES: ocp.StandardCheckpointHandler(),
+                METADATA: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers, options=options)
 
 
 def latest_step(directory):
     """The newest complete step, or a UserError saying there is none."""
     directory = Path(directory)
-    step = open_manager(directory, read_only=True).latest_step() if directory.is_dir() else None
+    step = open_manager(directory).latest_step() if directory.is_dir() else None
     if step is None:
         raise UserError(f"{directory}: no complete checkpoint (training stopped before the first checkpoint_every epochs?)")
     return step
@@ -96,7 +99,7 @@ def restore_items(directory, step, state_targets=None):
     for name in ("_CHECKPOINT_METADATA", f"{STATE}/_METADATA", f"{TABLES}/_METADATA", f"{METADATA}/metadata"):
         if not (step_dir / name).is_file():
             raise UserError(f"{step_dir}: checkpoint step {step} is missing file {name}")
-    manager = open_manager(directory, read_only=True)
+    manager = open_manager(directory)
     try:
         if state_targets is None:
             state_targets = host_targets(manager.item_metadata(step)[STATE])
@@ -172,12 +175,7 @@ class Checkpointer:
         if epoch % self.config.checkpoint_every == 0 or last:
             score = float(np.nanmean(metrics["val_mrrmse"][:, -1]))
             # A device copy: the next chunk donates `state` while Orbax may still be reading it.
-            named = flatten(jax.tree.map(jnp.copy, state))
-            self.manager.save(epoch, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardSave(named),
-                TABLES: ocp.args.StandardSave(self.tables),
-                METADATA: ocp.args.JsonSave(dict(self.metadata, epoch=epoch, **{SCORE: score})),
-            }), metrics={SCORE: score})
+            write_step(self.manager, epoch, flatten(jax.tree.map(jnp.copy, state)), self.tables, self.metadata, score)
         if os.environ.get(STALL_ENV) == str(epoch):
             self.manager.wait_until_finished()
             print(f"stalled after epoch {epoch}", flush=True)
@@ -186,6 +184,15 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def write_step(manager, epoch, named_state, tables, metadata, score):
+    """Start an async save of one step; `manager.wait_until_finished()` makes it durable."""
+    manager.save(epoch, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(named_state),
+        TABLES: ocp.args.StandardSave(tables),
+        METADATA: ocp.args.JsonSave(dict(metadata, epoch=epoch, **{SCORE: score})),
+    }), metrics={SCORE: score})
 
 
 def state_bytes(state):
