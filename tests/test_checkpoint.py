@@ -5,6 +5,7 @@ persistent compilation cache, so the whole file stays well under a minute on 2 c
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,14 +47,13 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     world = make_world(tmp / "world", genes=32, seed=0)
     data = ["--data", world / "de_train.parquet"]
-    straight = cli("scp_jax.train", *data, "--out", tmp / "straight", *RUN, environ=env(tmp))
+    finish(cli("scp_jax.train", *data, "--out", tmp / "straight", *RUN, environ=env(tmp)))  # fills the cache
     killed = cli("scp_jax.train", *data, "--out", tmp / "resumed", *RUN, environ=env(tmp, **{STALL_ENV: "4"}))
     for line in killed.stdout:
         if line.startswith("stalled after epoch 4"):
             break
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
-    finish(straight)
     resumed = tmp / "resumed"
     assert latest_step(resumed / "checkpoints") == 3
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 4  # epoch 4 logged, not checkpointed
@@ -118,3 +118,73 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path):
     np.testing.assert_allclose(predictor.predict(cells, compounds, dtype=np.float64), reference, atol=1e-5)
     clipped = predictor.predict(cells, compounds, aggregate="median", clip=True)
     assert (clipped >= predictor.arrays["clip_min"]).all() and (clipped <= predictor.arrays["clip_max"]).all()
+
+
+TWO_DEVICES = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from scp_jax.config import load_config
+    from scp_jax.engine.checkpoint import open_manager, restore_items, write_step
+    source, target, config = sys.argv[1:]
+    assert len(jax.devices()) == 2, jax.devices()
+    host, tables, metadata = restore_items(source, 6)
+    over_members = NamedSharding(Mesh(np.array(jax.devices()), ("member",)), PartitionSpec("member"))
+    targets = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=over_members) for k, v in host.items()}
+    sharded, _, _ = restore_items(source, 6, targets)
+    for name, value in sharded.items():
+        assert len(value.sharding.device_set) == 2, name
+        np.testing.assert_array_equal(np.asarray(value), host[name])
+    manager = open_manager(target, load_config(config))
+    write_step(manager, 6, sharded, tables, metadata, 1.0)
+    manager.wait_until_finished()
+""")
+
+
+def test_checkpoint_restores_on_another_device_count(runs, tmp_path):
+    """1 device -> restored sharded over 2 (subprocess) -> saved from 2 -> restored on this 1-device process."""
+    import jax
+
+    straight = runs["straight"]
+    environ = env(runs["tmp"], XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run([sys.executable, "-c", TWO_DEVICES, straight / "checkpoints", tmp_path / "ckpt",
+                           straight / "config.toml"], env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(jax.devices()) == 1
+    host, _, _ = restore_items(straight / "checkpoints", 6)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one) for k, v in host.items()}
+    back, _, _ = restore_items(tmp_path / "ckpt", 6, targets)
+    for name, value in back.items():
+        assert value.sharding == one
+        np.testing.assert_array_equal(np.asarray(value), host[name], err_msg=name)
+
+
+def copy_checkpoints(runs, tmp_path):
+    shutil.copytree(runs["straight"] / "checkpoints", tmp_path / "checkpoints")
+    return tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda step: (step / "metadata" / "metadata").write_text("{not json"), r"6/metadata: checkpoint step 6 is corrupted"),
+    (lambda step: (step / "state" / "_METADATA").unlink(), r"6: checkpoint step 6 is missing file state/_METADATA"),
+    (lambda step: [f.write_bytes(b"\0" * 16) for f in (step / "state" / "d").iterdir()], r"6: checkpoint step 6 is corrupted .*state/"),
+])
+def test_corrupted_checkpoint_is_one_line_error(runs, tmp_path, capsys, damage, message):
+    from scp_jax.export import main as export_main
+
+    damage(copy_checkpoints(runs, tmp_path) / "6")
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(tmp_path), "--out", str(tmp_path / "m.npz")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1 and re.search(message, error), error
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
+    from scp_jax.export import main as export_main
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(tmp_path), "--out", str(tmp_path / "m.npz")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no complete checkpoint" in error and error.count("\n") == 1

@@ -13,7 +13,7 @@ parameters. (Every step's `best_params` already hold each member's best epoch; t
 what `export --last` wants.)
 """
 
-import json
+import contextlib
 import os
 import re
 import shutil
@@ -101,27 +101,46 @@ def restore_items(directory, step, state_targets=None):
             raise UserError(f"{step_dir}: checkpoint step {step} is missing file {name}")
     manager = open_manager(directory)
     try:
-        if state_targets is None:
-            state_targets = host_targets(manager.item_metadata(step)[STATE])
-        tables_targets = host_targets(manager.item_metadata(step)[TABLES])
-        restored = manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(state_targets),
-            TABLES: ocp.args.StandardRestore(tables_targets),
-            METADATA: ocp.args.JsonRestore(),
-        }))
-    except (ValueError, OSError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as err:
-        raise UserError(f"{step_dir}: checkpoint step {step} is corrupted ({first_line(err)})") from None
-    return restored[STATE], jax.tree.map(np.asarray, dict(restored[TABLES])), restored[METADATA]
+        return restore_step(manager, step_dir, step, state_targets)
+    finally:
+        manager.close()
 
 
-def host_targets(item_metadata):
+def restore_step(manager, step_dir, step, state_targets):
+    with corruption_guard(step_dir / METADATA, step):
+        metadata = manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
+    with corruption_guard(step_dir, step):
+        saved = manager.item_metadata(step)  # reads every item's array metadata
+    with corruption_guard(step_dir / TABLES, step):
+        tables = restore_arrays(manager, step, TABLES, host_targets(saved[TABLES]))
+    with corruption_guard(step_dir / STATE, step):
+        state = restore_arrays(manager, step, STATE, state_targets or host_targets(saved[STATE]))
+    return state, jax.tree.map(np.asarray, tables), metadata
+
+
+def restore_arrays(manager, step, item, targets):
+    return dict(manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(targets)}))[item])
+
+
+@contextlib.contextmanager
+def corruption_guard(path, step):
+    """Orbax/TensorStore failures as one line naming the step and (in TensorStore's words) the file."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
+        detail = first_line(err).replace(str(path.absolute()) + "/", "").replace(str(path.absolute().parent) + "/", "")
+        raise UserError(f"{path}: checkpoint step {step} is corrupted ({detail})") from None
+
+
+def host_targets(saved):
+    """Targets for an item as saved, placed on the host CPU whatever devices wrote it."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    return {name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=cpu) for name, meta in item_metadata.items()}
+    return {name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=cpu) for name, meta in saved.items()}
 
 
 def first_line(err):
     text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
+    return text.splitlines()[0][:500] if text else type(err).__name__
 
 
 def run_metadata(config, train, members):
