@@ -188,3 +188,18 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
         export_main([str(tmp_path), "--out", str(tmp_path / "m.npz")])
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and "no complete checkpoint" in error and error.count("\n") == 1
+
+
+def test_predict_rejects_unknown_cell_type_in_one_line(runs, tmp_path, capsys):
+    from scp_jax.export import main as export_main
+    from scp_jax.predict import main as predict_main
+
+    export_main([str(runs["straight"]), "--out", str(tmp_path / "m.npz")])
+    id_map = pd.read_csv(runs["world"] / "id_map.csv")
+    id_map.loc[3, "cell_type"] = "Neurons"
+    id_map.to_csv(tmp_path / "id_map.csv", index=False)
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(tmp_path / "m.npz"), "--id-map", str(tmp_path / "id_map.csv"), "--out", str(tmp_path / "s.csv")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "row 3: cell_type 'Neurons' is not in the model's training data" in error
+    assert not (tmp_path / "s.csv").exists()
