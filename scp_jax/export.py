@@ -39,7 +39,9 @@ def export_run(run_dir, which="best"):
     step = latest_step(directory)
     named, tables, metadata = restore_items(directory, step)
     prefix = {"best": "best_params.", "last": "params."}[which]
-    arrays = {"params." + name[len(prefix):]: np.asarray(v) for name, v in named.items() if name.startswith(prefix)}
+    # float32 whatever the training precision (bf16_state stores bf16 parameters).
+    arrays = {"params." + name[len(prefix):]: np.asarray(v).astype(np.float32) for name, v in named.items()
+              if name.startswith(prefix)}
     arrays.update(tables)
     manifest = {
         "format": FORMAT,
