@@ -47,19 +47,19 @@ def test_disk_too_full_for_checkpoints_stops_before_training(small_world, tmp_pa
 
 
 def test_device_out_of_memory_names_the_settings(small_world, tmp_path, capsys, monkeypatch):
-    from scp_jax.engine import trainer
+    from scp_jax.engine import ensemble, trainer
 
     def exhausted(*args):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.")
 
-    class Hungry(trainer.Ensemble):
-        def __init__(self, *args):
-            super().__init__(*args)
-            self.train_chunk = exhausted
+    def hungry(*args):
+        engine = ensemble.Ensemble(*args)
+        engine.train_chunk = exhausted
+        return engine
 
-    monkeypatch.setattr(trainer, "Ensemble", Hungry)
+    monkeypatch.setattr(trainer, "compiled_ensemble", hungry)
     error = fails(["--data", small_world / "de_train.parquet", "--out", tmp_path / "run", *TINY], capsys)
-    assert "device out of memory" in error and "lower ensemble, batch_size (64) or model.hidden ([8])" in error
+    assert "device out of memory training 2 members" in error and "lower ensemble, batch_size (64) or model.hidden ([8])" in error
 
 
 def test_resume_without_checkpoint(small_world, tmp_path, capsys):
