@@ -58,6 +58,8 @@ class Config:
     patience: int = 0  # epochs without improvement before a member stops; 0 = never
     precision: str = "fp32"  # fp32 | bf16 (compute) | bf16_state (bf16 parameters and optimizer state)
     distributed: bool = False  # jax.distributed.initialize() for multi-host runs
+    checkpoint_every: int = 5  # epochs between checkpoints (chunks also end there); one more at the end
+    checkpoint_keep: int = 2  # latest checkpoints kept, plus the best one
     features: tuple[str, ...] = ("onehot",)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -66,7 +68,8 @@ class Config:
 
     def __post_init__(self):
         positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
-                    "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size}
+                    "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size,
+                    "checkpoint_every": self.checkpoint_every, "checkpoint_keep": self.checkpoint_keep}
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config: {key} must be >= 1, got {value}")

@@ -4,14 +4,17 @@ The host touches the device only between chunks: to log the chunk's metrics and,
 pull out-of-fold and test predictions.
 """
 
+import contextlib
 import dataclasses
 import time
 
+import jax
 import numpy as np
 
 from scp_jax.engine.devices import MemberPlacement, to_host
 from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
 from scp_jax.engine.members import MemberTable
+from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables
 from scp_jax.metrics import BASELINES, fit_baselines, mrrmse
 
@@ -61,6 +64,31 @@ def baseline_cv(train, fold_of_row, validated_folds):
     return {name: mrrmse(train.targets[rows], oof[name][rows]) for name in BASELINES}
 
 
+def chunk_ends(config, start):
+    """Epochs after `start` where a chunk ends: every epochs_per_chunk, every checkpoint_every, the last.
+
+    A function of the config alone, so a resumed run compiles and runs the same chunks as an
+    uninterrupted one (part of why resuming is bit-identical).
+    """
+    ends = {e for e in range(1, config.epochs) if e % config.epochs_per_chunk == 0 or e % config.checkpoint_every == 0}
+    return sorted(e for e in ends | {config.epochs} if e > start)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(config, n_members):
+    """Turn XLA's RESOURCE_EXHAUSTED into a one-line UserError naming the settings that size memory."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        raise UserError(
+            f"device out of memory training {n_members} members: lower ensemble, batch_size"
+            f" ({config.batch_size}) or model.hidden ({list(config.model.hidden)})"
+            f" [{str(err).strip().splitlines()[0][:200]}]"
+        ) from None
+
+
 def member_specs(members, fold_of_row):
     val_masks = fold_of_row[None, :] == members.fold[:, None]
     val_rows, val_weight = padded_rows(val_masks)
@@ -69,8 +97,12 @@ def member_specs(members, fold_of_row):
     return spec, val_masks
 
 
-def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None):
-    """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk."""
+def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None, checkpointer=None):
+    """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk.
+
+    `checkpointer` (engine.checkpoint.Checkpointer) may restore the starting state and epoch and
+    saves after each chunk.
+    """
     members = members or MemberTable.from_config(config)
     placement = placement or MemberPlacement()
     # Pad the member axis to fill every device; padding members repeat member 0 and are dropped.
@@ -87,16 +119,24 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     state = engine.init(specs)
 
     epoch = 0
-    while epoch < config.epochs:
-        n_epochs = min(config.epochs_per_chunk, config.epochs - epoch)
+    if checkpointer is not None:
+        state, epoch = checkpointer.restore(state, members, tables)
+    # A run restored after every member stopped (early stopping) has nothing left to train.
+    for end in chunk_ends(config, epoch) if (to_host(state.stopped_at)[:n] < 0).any() else ():
         start = time.perf_counter()
-        state, metrics = engine.train_chunk(state, specs, data, n_epochs, steps)
-        metrics = {k: v[:n] for k, v in to_host(metrics).items()}  # blocks until the chunk is done
-        epoch += n_epochs
+        with out_of_memory_hint(config, n):
+            state, metrics = engine.train_chunk(state, specs, data, end - epoch, steps)
+            metrics = {k: v[:n] for k, v in to_host(metrics).items()}  # blocks until the chunk is done
+        epoch = end
         if on_chunk is not None:
             on_chunk(epoch, metrics, time.perf_counter() - start)
-        if not metrics["running"][:, -1].any():
+        stopping = not metrics["running"][:, -1].any()
+        if checkpointer is not None:
+            checkpointer.save(epoch, state, metrics, last=end == config.epochs or stopping)
+        if stopping:
             break  # every member stopped: nothing left to compute
+    if checkpointer is not None:
+        checkpointer.close()
 
     summary = to_host({"best_score": state.best_score, "best_epoch": state.best_epoch, "stopped_at": state.stopped_at,
                        "diverged": state.diverged})
