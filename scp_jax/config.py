@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 from scp_jax.errors import UserError
+from scp_jax.precision import PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,8 @@ class DataConfig:
 class ModelConfig:
     hidden: tuple[int, ...] = (64, 64)
     activation: str = "relu"
+    dropout: float = 0.0  # after each hidden activation
+    input_mask: float = 0.0  # fraction of input features zeroed per row and step (1st place: 0.3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,17 @@ class OptimConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Lists of values to cross with every (seed, fold): members are the product."""
+
+    learning_rate: tuple[float, ...] = ()
+    weight_decay: tuple[float, ...] = ()
+    clip_norm: tuple[float, ...] = ()
+    dropout: tuple[float, ...] = ()
+    input_mask: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +71,24 @@ class Config:
     epochs: int = 30
     epochs_per_chunk: int = 5
     batch_size: int = 64
+    patience: int = 0  # epochs without improvement before a member stops; 0 = never
+    precision: str = "fp32"  # fp32 | bf16 (compute) | bf16_state (bf16 parameters and optimizer state)
+    distributed: bool = False  # jax.distributed.initialize() for multi-host runs
+    checkpoint_every: int = 5  # epochs between checkpoints (chunks also end there); one more at the end
+    checkpoint_keep: int = 2  # latest checkpoints kept, plus the best one
     features: tuple[str, ...] = ("onehot",)
     cv: str = "kfold"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
+    sweep: SweepConfig = SweepConfig()
     target_encoding: TargetEncodingConfig = TargetEncodingConfig()
     targets: TargetsConfig = TargetsConfig()
 
     def __post_init__(self):
         positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
-                    "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size}
+                    "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size,
+                    "checkpoint_every": self.checkpoint_every, "checkpoint_keep": self.checkpoint_keep}
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
@@ -75,8 +96,14 @@ class Config:
             raise UserError(f"config: folds must be >= 2 for cross-validation, got {self.folds}")
         if self.model.activation not in ("relu", "gelu"):
             raise UserError(f"config: model.activation must be 'relu' or 'gelu', got {self.model.activation!r}")
-        if self.optim.learning_rate <= 0:
-            raise UserError(f"config: optim.learning_rate must be > 0, got {self.optim.learning_rate}")
+        if self.patience < 0:
+            raise UserError(f"config: patience must be >= 0, got {self.patience}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for key in ("learning_rate", "weight_decay", "clip_norm", "dropout", "input_mask"):
+            section = "optim" if hasattr(self.optim, key) else "model"
+            for value in (getattr(getattr(self, section), key), *getattr(self.sweep, key)):
+                _check_hyperparameter(key, value)
         if self.cv not in CV_SCHEMES:
             raise UserError(f"config: cv must be one of {', '.join(CV_SCHEMES)}, got {self.cv!r}")
         unknown = [s for s in self.target_encoding.stats if s not in TE_STATS]
@@ -87,6 +114,15 @@ class Config:
                 raise UserError(f"config: {key} must be >= 0 (0 = no SVD), got {value}")
         if self.targets.loss_space not in ("genes", "components"):
             raise UserError(f"config: targets.loss_space must be 'genes' or 'components', got {self.targets.loss_space!r}")
+
+
+def _check_hyperparameter(key, value):
+    if key in ("dropout", "input_mask") and not 0 <= value < 1:
+        raise UserError(f"config: {key} must be in [0, 1), got {value}")
+    if key in ("learning_rate", "clip_norm") and value <= 0:
+        raise UserError(f"config: {key} must be > 0, got {value}")
+    if key == "weight_decay" and value < 0:
+        raise UserError(f"config: weight_decay must be >= 0, got {value}")
 
 
 def _coerce(key, value, kind):

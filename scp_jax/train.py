@@ -30,10 +30,16 @@ def parse_args(argv):
     parser.add_argument("--id-map", help="id_map.csv (default: the one beside --data)")
     parser.add_argument("--out", help="run dir (default: runs/<timestamp>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    return parser.parse_args(argv)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    args = parser.parse_args(argv)
+    if args.resume and any(getattr(args, flag) is not None for flag in (*FLAG_KEYS, "config", "out")) | bool(args.set):
+        raise UserError("--resume RUN_DIR takes no other flags: the run continues with RUN_DIR/config.toml")
+    return args
 
 
 def resolve_config(args):
+    if args.resume:
+        return load_config(Path(args.resume) / "config.toml")
     overrides = [f"{key}={json.dumps(str(value)) if isinstance(value, str) else value}"
                  for flag, key in FLAG_KEYS.items() if (value := getattr(args, flag)) is not None]
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
@@ -54,10 +60,10 @@ def resolve_inputs(config):
     return train_path, id_map_path if id_map_path.exists() else None
 
 
-def prepare_run_dir(out):
-    """Create the run dir and prove it is writable before any training time is spent."""
+def prepare_run_dir(out, resume=False):
+    """Create the run dir (or reuse it when resuming) and prove it is writable before any training time is spent."""
     run_dir = Path(out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir}: run dir already holds files; pick another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,27 +75,57 @@ def prepare_run_dir(out):
     return run_dir
 
 
+def truncate_metrics(path, epoch):
+    """Drop metrics.jsonl lines after `epoch` (atomically): a resumed run rewrites them."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        write_text(path, "".join(line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch))
+
+
 class ChunkLog:
-    """Appends one metrics.jsonl line per epoch and prints one progress line per chunk."""
+    """Appends one metrics.jsonl line per epoch and prints one progress line per chunk.
+
+    Its first chunk first drops any lines from that chunk on, left by a run that died after its
+    last checkpoint, so a resumed run's metrics.jsonl equals an uninterrupted run's.
+    """
 
     def __init__(self, path, config):
-        self.path, self.config = path, config
+        self.path, self.config, self.fresh = path, config, True
         self.path.touch()
+        self.first = True
 
     def __call__(self, epoch, metrics, seconds):
         n_epochs, n_members = metrics["val_mrrmse"].shape[1], metrics["val_mrrmse"].shape[0]
+        if self.fresh:
+            truncate_metrics(self.path, epoch - n_epochs)
+            self.fresh = False
         with self.path.open("a") as f:
             for i in range(n_epochs):
                 line = {"epoch": epoch - n_epochs + i + 1}
-                line.update({name: np.round(values[:, i], 6).tolist() for name, values in metrics.items()})
+                line.update({name: np.round(values[:, i].astype(float), 6).tolist() for name, values in metrics.items()})
                 f.write(json.dumps(line) + "\n")
-        last = metrics["val_mrrmse"][:, -1]
+        running = metrics["running"][:, -1]
+        last = metrics["val_mrrmse"][running, -1]
+        last = last[np.isfinite(last)]  # cv = "full": no validation rows, no score
+        val = (f"  val MRRMSE best {last.min():.4f} mean {last.mean():.4f}" if len(last) else "  no validation rows")
         print(
-            f"epoch {epoch:4d}/{self.config.epochs}  val MRRMSE best {np.nanmin(last):.4f} mean {np.nanmean(last):.4f}"
-            f"  train loss {np.nanmean(metrics['train_loss'][:, -1]):.4f}"
-            f"  {n_members * n_epochs / seconds:8.1f} member-epochs/s",
+            f"epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}" + val +
+            f"  train loss {np.nanmean(metrics['train_loss'][running, -1]):.4f}"
+            f"  {metrics['running'].sum() / seconds:8.1f} member-epochs/s" + (" (incl. compile)" if self.first else ""),
             flush=True,
         )
+        self.first = False
+
+
+def member_rows(result):
+    """The member table with each member's outcome: its score, best epoch and how it ended."""
+    rows = []
+    for row, score, best, stopped, diverged in zip(result.members.rows(), result.member_cv, result.best_epoch,
+                                                    result.stopped_epoch, result.diverged):
+        status = "diverged" if diverged else "early_stopped" if stopped >= 0 else "completed"
+        rows.append(dict(row, cv_mrrmse=float(score) if np.isfinite(score) else None, best_epoch=int(best),
+                         status=status, stopped_epoch=int(stopped)))
+    return rows
 
 
 def cv_report(config, result):
@@ -99,31 +135,45 @@ def cv_report(config, result):
         "folds": result.folds.n_folds,
         "ensemble_cv_mrrmse": result.ensemble_cv,
         "baselines_cv_mrrmse": result.baseline_cv,
-        "members": [
-            dict(row, cv_mrrmse=None if np.isnan(score) else float(score), best_epoch=int(epoch))
-            for row, score, epoch in zip(result.members.rows(), result.member_cv, result.best_epoch)
-        ],
+        "members": member_rows(result),
     }
+
+
+def write_member_table(path, rows):
+    columns = list(rows[0])
+    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
+    write_text(path, "\n".join(lines) + "\n")
 
 
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
     config = resolve_config(args)
+    from scp_jax.engine.devices import initialize_distributed
+
+    initialize_distributed(config.distributed)
     from scp_jax.data.dataset import load_id_map, load_train, write_submission
+    from scp_jax.engine.checkpoint import Checkpointer
     from scp_jax.engine.trainer import train_ensemble
 
     train_path, id_map_path = resolve_inputs(config)
     train = load_train(train_path)
     queries = load_id_map(id_map_path, train) if id_map_path else None
-    run_dir = prepare_run_dir(args.out)
-    write_text(run_dir / "config.toml", to_toml(config))
+    run_dir = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
+    if not args.resume:
+        write_text(run_dir / "config.toml", to_toml(config))
     print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes, {config.ensemble} members")
 
     start = time.perf_counter()
-    result = train_ensemble(config, train, queries, on_chunk=ChunkLog(run_dir / "metrics.jsonl", config))
+    checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume))
+    log = ChunkLog(run_dir / "metrics.jsonl", config)
+    result = train_ensemble(config, train, queries, on_chunk=log, checkpointer=checkpointer)
     report = cv_report(config, result)
     write_text(run_dir / "cv.json", json.dumps(report, indent=2) + "\n")
+    write_member_table(run_dir / "members.csv", report["members"])
+    for row in report["members"]:
+        if row["status"] == "diverged":
+            print(f"member {row['member']} diverged (NaN/Inf) at epoch {row['stopped_epoch']}; kept its best epoch")
     if queries is not None:
         write_submission(run_dir / "submission.csv", queries.ids, train.genes, result.test_predictions)
     seconds = time.perf_counter() - start

@@ -2,8 +2,8 @@ import jax
 import numpy as np
 
 from scp_jax.config import load_config
-from scp_jax.engine.cv import kfold_assignment
-from scp_jax.engine.trainer import MemberTable, train_ensemble
+from scp_jax.engine.members import MemberTable
+from scp_jax.engine.trainer import kfold_assignment, train_ensemble
 from toy import toy_queries, toy_train
 
 CONFIG = ["model.hidden=[16]", "batch_size=8", "epochs=6", "epochs_per_chunk=4", "folds=3"]
@@ -18,7 +18,7 @@ def test_member_of_ensemble_equals_member_trained_alone():
     config = load_config(None, CONFIG + ["ensemble=6"])
     ensemble = train_ensemble(config, train)
     member = 4  # seed 1, fold 1
-    alone = train_ensemble(config, train, members=MemberTable(seed=np.array([1]), fold=np.array([1])))
+    alone = train_ensemble(config, train, members=MemberTable.single(config, seed=1, fold=1))
     for stacked, single in zip(leaves(ensemble.state.params), leaves(alone.state.params)):
         np.testing.assert_allclose(stacked[member], single[0], atol=1e-5)
     np.testing.assert_allclose(ensemble.member_cv[member], alone.member_cv[0], atol=1e-5)

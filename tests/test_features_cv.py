@@ -193,3 +193,38 @@ def test_engine_full_scheme_keeps_last_epoch_and_has_no_cv(small_world, train):
     assert np.isnan(result.member_cv).all() and (result.best_epoch == 2).all()
     assert result.ensemble_cv is None and result.baseline_cv is None
     assert np.isfinite(result.test_predictions).all()
+
+
+def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(small_world, train, tmp_path):
+    from scp_jax.engine.checkpoint import Checkpointer
+    from scp_jax.export import export_run
+    from scp_jax.predictor import Predictor
+
+    config = load_config(None, ENGINE + ['features=["onehot", "target_encoding"]', "cv=b_myeloid",
+                                         "target_encoding.svd=4", "targets.svd=8", "checkpoint_every=3"])
+    queries = load_id_map(small_world / "id_map.csv", train)
+    result = train_ensemble(config, train, queries, checkpointer=Checkpointer(tmp_path / "checkpoints", config, train))
+    arrays, manifest = export_run(tmp_path)
+    assert arrays["features.fold_cell"].shape[0] == 6 and arrays["decoder.basis"].shape == (6, 8, len(train.genes))
+    assert [row["scheme"] for row in manifest["members"]] == ["b_myeloid"] * 4
+    predictor = Predictor(arrays, manifest)
+    np.testing.assert_array_equal(predictor.folds, result.members.fold)
+    np.testing.assert_allclose(predictor.predict(queries.cell_index, queries.compound_index, dtype=np.float64),
+                               result.test_predictions, atol=1e-4)
+
+
+def test_cli_full_scheme_writes_null_cv_and_the_scheme_per_member(small_world, tmp_path, capsys):
+    import json
+
+    from scp_jax.train import main as train_main
+
+    train_main(["--data", str(small_world / "de_train.parquet"), "--out", str(tmp_path / "run"), "--ensemble", "2",
+                "--epochs", "2", "--set", "cv=full", "--set", "model.hidden=[8]", "--set", "checkpoint_every=2"])
+    report = json.loads((tmp_path / "run" / "cv.json").read_text())
+    assert report["scheme"] == "full" and report["folds"] == 0
+    assert report["ensemble_cv_mrrmse"] is None and report["baselines_cv_mrrmse"] is None
+    for row in report["members"]:
+        assert row["cv_mrrmse"] is None and row["best_epoch"] == 1 and row["status"] == "completed"
+        assert row["scheme"] == "full" and row["fold"] == 0
+    assert (tmp_path / "run" / "members.csv").read_text().splitlines()[0].startswith("member,scheme,seed,fold")
+    assert "no validation rows" in capsys.readouterr().out

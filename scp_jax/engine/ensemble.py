@@ -1,24 +1,30 @@
 """The ensemble as one compiled program.
 
-Every member is a pure pytree (parameters, optimizer state, best parameters). One member's epoch
-is written once, for a single member, then `jax.vmap` lays it over the member axis and
+Every member is a pure pytree (parameters, optimizer state, best parameters, flags). One member's
+epoch is written once, for a single member, then `jax.vmap` lays it over the member axis and
 `jax.lax.scan` runs a chunk of epochs inside one `jax.jit`, so the host only sees chunk ends.
-Member i's randomness is `fold_in(root, seed_i, fold_i)`: it depends on who the member is, not
-on how many members train beside it, so a member trains the same alone or in an ensemble.
+Member i's randomness is `fold_in(root, seed_i, fold_i)` further folded with the epoch and step:
+it depends on who the member is, not on how many members train beside it, so a member trains the
+same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state and spec,
+so a sweep is one program too.
+
+A member's `fold` is also its slot in the per-fold feature tables and target SVD (fitted on that
+fold's training rows only); every gather by fold happens on device, inside the vmap.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx, struct
 
+from scp_jax.engine import optim
 from scp_jax.metrics import masked_mrrmse_jax
 from scp_jax.models import build_model
 
-_INIT, _SHUFFLE = 0, 1  # streams folded into a member's key
+_INIT, _SHUFFLE, _DROPOUT, _ROUNDING = range(4)  # streams folded into a member's key
 
 
 @struct.dataclass
@@ -29,59 +35,62 @@ class Data:
     cell_index: jnp.ndarray  # [n]
     compound_index: jnp.ndarray  # [n]
     tables: "FeatureTables"  # noqa: F821  (scp_jax.features.tables)
-    decoder: "TargetSVD | None"  # noqa: F821  (scp_jax.features.targets); None: the model predicts genes
+    decoder: "TargetSVD | None" = None  # noqa: F821  (scp_jax.features.targets); None: the model predicts genes
 
 
 @struct.dataclass
 class MemberSpec:
-    """What makes a member itself: its key and which rows it trains and validates on."""
+    """What makes a member itself: its key, its rows, its hyperparameters."""
 
-    key: jax.Array
-    fold: jnp.ndarray  # [] int: the slot of the per-fold tables and target basis this member uses
+    seed: jnp.ndarray  # int
+    fold: jnp.ndarray  # int; also the slot of the per-fold tables and target SVD the member uses
     train_mask: jnp.ndarray  # [n] bool
     val_rows: jnp.ndarray  # [v] row indices, padded to the largest validation set
     val_weight: jnp.ndarray  # [v] 1 for a real validation row, 0 for padding
+    hparams: dict  # name -> scalar (see members.HYPERPARAMETERS)
 
 
 @struct.dataclass
 class MemberState:
     params: nnx.State
-    opt_state: optax.OptState
+    opt_state: optim.AdamWState
     best_params: nnx.State
     best_score: jnp.ndarray  # validation MRRMSE of best_params
     best_epoch: jnp.ndarray
     epoch: jnp.ndarray  # epochs completed
-
-
-def member_keys(root_seed, seeds, folds):
-    root = jax.random.key(root_seed)
-    return jax.vmap(lambda s, f: jax.random.fold_in(jax.random.fold_in(root, s), f))(
-        jnp.asarray(seeds), jnp.asarray(folds)
-    )
-
-
-def make_optimizer(config):
-    return optax.chain(
-        optax.clip_by_global_norm(config.optim.clip_norm),
-        optax.adamw(config.optim.learning_rate, weight_decay=config.optim.weight_decay),
-    )
+    stopped_at: jnp.ndarray  # epoch the member stopped updating (patience or divergence); -1 = running
+    diverged: jnp.ndarray  # loss or score turned NaN/Inf; parameters were reset to the best
 
 
 def tree_select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def _fold_in(key, *data):
+    for d in data:
+        key = jax.random.fold_in(key, d)
+    return key
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_ensemble(config, in_features, n_genes, masks=frozenset()):
+    """One Ensemble (and its compiled programs) per configuration and shape, reused across runs."""
+    return Ensemble(config, in_features, n_genes, masks)
+
+
 class Ensemble:
     """Compiled init / train-chunk / predict functions for one config and data shape."""
 
-    def __init__(self, config, in_features, n_genes):
+    def __init__(self, config, in_features, n_genes, masks=frozenset()):
+        """`masks` names the random masks some member uses ("dropout", "input_mask"): only those
+        are built, since they cost time and compile time."""
         self.config = config
+        self.root_key = jax.random.key(config.seed)
         self.n_genes = n_genes
+        self.masks = masks
         n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
-        self.tx = make_optimizer(config)
-        abstract = nnx.eval_shape(lambda: build_model(config, in_features, n_out, nnx.Rngs(0)))
-        self.graphdef, _ = nnx.split(abstract, nnx.Param)
         self._make = lambda key: build_model(config, in_features, n_out, nnx.Rngs(key))
+        self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
         self.init = jax.jit(jax.vmap(self._init_member))
         self.train_chunk = jax.jit(
             jax.vmap(self._train_chunk_member, in_axes=(0, 0, None, None, None)),
@@ -89,32 +98,51 @@ class Ensemble:
             donate_argnums=0,
         )
 
-    def _init_member(self, key):
-        params = nnx.state(self._make(jax.random.fold_in(key, _INIT)), nnx.Param)
+    def member_key(self, spec, *streams):
+        """The member's own key (from its seed and fold), folded with a stream, epoch, step..."""
+        return _fold_in(self.root_key, spec.seed, spec.fold, *streams)
+
+    def _init_member(self, spec):
+        params = nnx.state(self._make(self.member_key(spec, _INIT)), nnx.Param)
+        hparams = {k: spec.hparams[k] for k in ("learning_rate", "weight_decay", "clip_norm")}
+        opt_state = optim.init(params, **hparams)  # moments take the parameters' dtype
         return MemberState(
             params=params,
-            opt_state=self.tx.init(params),
+            opt_state=opt_state,
             best_params=jax.tree.map(jnp.copy, params),
             best_score=jnp.array(jnp.inf, jnp.float32),
             best_epoch=jnp.array(-1, jnp.int32),
             epoch=jnp.array(0, jnp.int32),
+            stopped_at=jnp.array(-1, jnp.int32),
+            diverged=jnp.array(False),
         )
 
-    def outputs(self, params, tables, fold, cell_index, compound_index):
-        return nnx.merge(self.graphdef, params)(tables.rows(fold, cell_index, compound_index))
+    def outputs(self, params, tables, fold, cell_index, compound_index, spec=None, key=None):
+        """The model's outputs (genes, or SVD components) for rows, with fold `fold`'s tables; with a key
+        (training), input masking and dropout from the spec."""
+        x = tables.rows(fold, cell_index, compound_index)
+        model = nnx.merge(self.graphdef, params)
+        if key is None:
+            return model(x)
+        mask_key, dropout_key = jax.random.split(key)
+        if "input_mask" in self.masks:
+            x = jnp.where(jax.random.uniform(mask_key, x.shape) >= spec.hparams["input_mask"], x, 0.0)
+        if "dropout" in self.masks:
+            return model(x, dropout_rate=spec.hparams["dropout"], key=dropout_key)
+        return model(x)
 
     def apply(self, params, tables, decoder, fold, cell_index, compound_index):
-        """Gene-space predictions: the outputs, decoded with the member's fold basis for SVD targets."""
+        """Gene-space predictions for rows: the outputs, decoded with fold `fold`'s basis for SVD targets."""
         out = self.outputs(params, tables, fold, cell_index, compound_index)
         return out if decoder is None else decoder.decode(fold, out)
 
-    def _loss(self, params, data, fold, rows, weights):
-        pred = self.outputs(params, data.tables, fold, data.cell_index[rows], data.compound_index[rows])
+    def _loss(self, params, data, rows, weights, spec, key):
+        pred = self.outputs(params, data.tables, spec.fold, data.cell_index[rows], data.compound_index[rows], spec, key)
         target = data.targets[rows]
         if data.decoder is not None and self.config.targets.loss_space == "components":
-            target = data.decoder.encode(fold, target)
+            target = data.decoder.encode(spec.fold, target)
         elif data.decoder is not None:
-            pred = data.decoder.decode(fold, pred)
+            pred = data.decoder.decode(spec.fold, pred)
         per_row = jnp.mean(jnp.square(pred - target), axis=-1)
         return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -122,7 +150,7 @@ class Ensemble:
         """One epoch of one member: shuffle its training rows, `steps` minibatches, validate."""
         batch_size = self.config.batch_size
         n_rows = spec.train_mask.shape[0]
-        key = jax.random.fold_in(jax.random.fold_in(spec.key, _SHUFFLE), state.epoch)
+        key = self.member_key(spec, _SHUFFLE, state.epoch)
         # Training rows first in a random order; validation rows sort last and are never used.
         order = jnp.argsort(jnp.where(spec.train_mask, jax.random.uniform(key, (n_rows,)), 2.0))
         slots = jnp.arange(steps * batch_size)
@@ -131,31 +159,51 @@ class Ensemble:
 
         def step(carry, batch):
             params, opt_state = carry
-            batch_rows, batch_weights = batch
-            loss, grads = jax.value_and_grad(self._loss)(params, data, spec.fold, batch_rows, batch_weights)
-            updates, new_opt_state = self.tx.update(grads, opt_state, params)
-            new = (optax.apply_updates(params, updates), new_opt_state)
-            # An empty batch (a member with fewer training rows) must not move the optimizer.
-            return tree_select(jnp.sum(batch_weights) > 0, new, carry), loss * jnp.sum(batch_weights)
+            index, batch_rows, batch_weights = batch
+            dropout_key = self.member_key(spec, _DROPOUT, state.epoch, index)
+            loss, grads = jax.value_and_grad(self._loss)(params, data, batch_rows, batch_weights, spec, dropout_key)
+            # Stopped members and empty batches (fewer training rows) leave the member untouched.
+            active = jnp.logical_and(state.stopped_at < 0, jnp.sum(batch_weights) > 0)
+            rounding_seed = None
+            if self.config.precision == "bf16_state":
+                rounding_seed = jax.random.bits(self.member_key(spec, _ROUNDING, state.epoch, index), (), jnp.uint32)
+            new = optim.step(params, grads, opt_state, active, rounding_seed)
+            return new, loss * jnp.sum(batch_weights)
 
-        (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), (rows, weights))
+        batches = (jnp.arange(steps), rows, weights)
+        (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), batches)
         train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1.0)
 
-        rows = spec.val_rows
-        pred = self.apply(params, data.tables, data.decoder, spec.fold, data.cell_index[rows], data.compound_index[rows])
-        # A member without validation rows (cv = "full") scores NaN and keeps its last epoch as best.
+        val = spec.val_rows
+        pred = self.apply(params, data.tables, data.decoder, spec.fold, data.cell_index[val], data.compound_index[val])
         has_val = jnp.sum(spec.val_weight) > 0
-        val_score = jnp.where(has_val, masked_mrrmse_jax(data.targets[rows], pred, spec.val_weight), jnp.nan)
-        improved = jnp.where(has_val, val_score < state.best_score, True)
+        val_score = jnp.where(has_val, masked_mrrmse_jax(data.targets[val], pred, spec.val_weight), jnp.nan)
+        return self._after_epoch(state, params, opt_state, train_loss, val_score, has_val)
+
+    def _after_epoch(self, state, params, opt_state, train_loss, val_score, has_val=True):
+        """Keep the best parameters (a real copy), stop on patience, freeze a diverged member at its best.
+
+        A member without validation rows (cv = "full") scores NaN: that is not divergence (only a
+        non-finite train loss is), and its best epoch is always the last one.
+        """
+        running = state.stopped_at < 0
+        diverged = running & ~(jnp.isfinite(train_loss) & (jnp.isfinite(val_score) | ~has_val))
+        improved = running & ~diverged & jnp.where(has_val, val_score < state.best_score, True)
+        best_epoch = jnp.where(improved, state.epoch, state.best_epoch)
+        patience = self.config.patience
+        out_of_patience = (state.epoch - best_epoch >= patience) if patience else jnp.array(False)
+        best_params = tree_select(improved, params, state.best_params)
         state = MemberState(
-            params=params,
+            params=tree_select(diverged, best_params, params),
             opt_state=opt_state,
-            best_params=tree_select(improved, params, state.best_params),
+            best_params=best_params,
             best_score=jnp.where(improved, val_score, state.best_score),
-            best_epoch=jnp.where(improved, state.epoch, state.best_epoch),
+            best_epoch=best_epoch,
             epoch=state.epoch + 1,
+            stopped_at=jnp.where(running & (diverged | out_of_patience), state.epoch, state.stopped_at),
+            diverged=state.diverged | diverged,
         )
-        return state, {"train_loss": train_loss, "val_mrrmse": val_score}
+        return state, {"train_loss": train_loss, "val_mrrmse": val_score, "running": running}
 
     def _train_chunk_member(self, state, spec, data, n_epochs, steps):
         return jax.lax.scan(lambda s, _: self._epoch(s, spec, data, steps), state, length=n_epochs)
@@ -163,24 +211,17 @@ class Ensemble:
     def steps_per_epoch(self, train_masks):
         return math.ceil(int(np.max(np.sum(train_masks, axis=1))) / self.config.batch_size)
 
-    def mean_prediction(self, params, folds, masks, data, cell_index, compound_index):
-        """Per row, the mean prediction of the members whose mask holds that row (NaN if none).
-
-        Members are summed one at a time (`lax.scan`), so memory stays at one [rows, genes] array.
-        """
-        return self._mean_prediction(
-            params, jnp.asarray(folds), jnp.asarray(masks, jnp.float32), data.tables, data.decoder, cell_index,
-            compound_index,
-        )
+    @jax.jit(static_argnums=0)
+    def predict_members(self, params, folds, tables, decoder, cell_index, compound_index):
+        """[members, rows, genes]: every member's gene-space prediction for the rows, each with its own
+        fold's tables and decoder (`folds` [members])."""
+        member = jax.vmap(self.apply, in_axes=(0, None, None, 0, None, None))
+        return member(params, tables, decoder, folds, cell_index, compound_index)
 
     @jax.jit(static_argnums=0)
-    def _mean_prediction(self, params, folds, masks, tables, decoder, cell_index, compound_index):
-        def add_member(total, member):
-            member_params, fold, mask = member
-            pred = self.apply(member_params, tables, decoder, fold, cell_index, compound_index)
-            return total + mask[:, None] * pred, None
-
-        zeros = jnp.zeros((cell_index.shape[0], self.n_genes), jnp.float32)
-        total, _ = jax.lax.scan(add_member, zeros, (params, folds, masks))
+    def masked_mean_prediction(self, params, folds, masks, tables, decoder, cell_index, compound_index):
+        """Per row, the mean prediction of the members whose mask holds that row (NaN if none)."""
+        preds = self.predict_members(params, folds, tables, decoder, cell_index, compound_index)
         count = jnp.sum(masks, axis=0)[:, None]
+        total = jnp.einsum("mr,mrg->rg", masks.astype(jnp.float32), preds)
         return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)

@@ -4,43 +4,20 @@ The host touches the device only between chunks: to log the chunk's metrics and,
 pull out-of-fold and test predictions.
 """
 
+import contextlib
 import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from scp_jax.engine.cv import make_folds
-from scp_jax.engine.ensemble import Data, Ensemble, MemberSpec, member_keys
+from scp_jax.engine.cv import kfold_assignment, make_folds  # noqa: F401  (kfold_assignment: re-exported)
+from scp_jax.engine.devices import MemberPlacement, to_host
+from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
+from scp_jax.engine.members import MemberTable
+from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables, target_decoder
 from scp_jax.metrics import BASELINES, fit_baselines, mrrmse
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberTable:
-    """Member i = (seed i // folds, fold i % folds): seeds repeat the whole set of folds.
-
-    Under `full` (no folds) every member is a seed of the all-rows slot, fold 0.
-    """
-
-    seed: np.ndarray
-    fold: np.ndarray
-    scheme: str = "kfold"
-
-    @classmethod
-    def for_ensemble(cls, ensemble, folds):
-        index = np.arange(ensemble)
-        if folds.n_folds == 0:
-            return cls(seed=index, fold=np.zeros_like(index), scheme=folds.scheme)
-        return cls(seed=index // folds.n_folds, fold=index % folds.n_folds, scheme=folds.scheme)
-
-    def __len__(self):
-        return len(self.seed)
-
-    def rows(self):
-        return [{"member": i, "seed": int(s), "fold": int(f), "scheme": self.scheme}
-                for i, (s, f) in enumerate(zip(self.seed, self.fold))]
 
 
 def padded_rows(masks):
@@ -51,19 +28,21 @@ def padded_rows(masks):
     for i, mask in enumerate(masks):
         (index,) = np.nonzero(mask)
         rows[i, : len(index)], weight[i, : len(index)] = index, 1.0
-    return {"val_rows": jnp.asarray(rows), "val_weight": jnp.asarray(weight)}
+    return rows, weight
 
 
 @dataclasses.dataclass
 class TrainResult:
     members: MemberTable
-    folds: object  # scp_jax.engine.cv.Folds
-    member_cv: np.ndarray  # [members] best validation MRRMSE (NaN without validation rows)
+    folds: object  # scp_jax.engine.cv.Folds: the scheme, each row's fold, the fold count
+    member_cv: np.ndarray  # [members] best validation MRRMSE (NaN without validation rows, cv = "full")
     best_epoch: np.ndarray  # [members]
-    ensemble_cv: float | None  # out-of-fold mean of members, over rows some member validates
-    baseline_cv: dict | None  # same rows, baselines fitted per fold
+    stopped_epoch: np.ndarray  # [members] epoch a member stopped at (early stop or divergence), -1 if never
+    diverged: np.ndarray  # [members] bool
+    ensemble_cv: float | None  # out-of-fold mean of members, over rows some member validates; None if none
+    baseline_cv: dict | None  # same rows, baselines fitted per fold; None if no row is validated
     test_predictions: np.ndarray | None  # [queries, genes] mean over members
-    state: object  # final MemberState (stacked over members), for checkpoints and export
+    state: object  # final MemberState (stacked over members, padding included), for checkpoints and export
 
 
 def baseline_cv(train, fold_of_row, validated_folds):
@@ -85,66 +64,111 @@ def baseline_cv(train, fold_of_row, validated_folds):
     return {name: mrrmse(train.targets[rows], oof[name][rows]) for name in BASELINES}
 
 
-def train_ensemble(config, train, queries=None, members=None, on_chunk=None):
-    """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk."""
+def chunk_ends(config, start):
+    """Epochs after `start` where a chunk ends: every epochs_per_chunk, every checkpoint_every, the last.
+
+    A function of the config alone, so a resumed run compiles and runs the same chunks as an
+    uninterrupted one (part of why resuming is bit-identical).
+    """
+    ends = {e for e in range(1, config.epochs) if e % config.epochs_per_chunk == 0 or e % config.checkpoint_every == 0}
+    return sorted(e for e in ends | {config.epochs} if e > start)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(config, n_members):
+    """Turn XLA's RESOURCE_EXHAUSTED into a one-line UserError naming the settings that size memory."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        raise UserError(
+            f"device out of memory training {n_members} members: lower ensemble, batch_size"
+            f" ({config.batch_size}) or model.hidden ({list(config.model.hidden)})"
+            f" [{str(err).strip().splitlines()[0][:200]}]"
+        ) from None
+
+
+def member_specs(members, fold_of_row):
+    """Specs and [members, n] validation masks; a member validates the rows of its fold (none for the
+    all-rows slot, whose rows are all -1 or another fold)."""
+    val_masks = fold_of_row[None, :] == members.fold[:, None]
+    val_rows, val_weight = padded_rows(val_masks)
+    spec = MemberSpec(seed=members.seed, fold=members.fold, train_mask=~val_masks, val_rows=val_rows,
+                      val_weight=val_weight, hparams=members.hparams)
+    return spec, val_masks
+
+
+def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None, checkpointer=None):
+    """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk.
+
+    `checkpointer` (engine.checkpoint.Checkpointer) may restore the starting state and epoch and
+    saves after each chunk.
+    """
     folds = make_folds(config.cv, train, config.folds, config.seed)
-    members = members or MemberTable.for_ensemble(config.ensemble, folds)
+    members = members or MemberTable.from_config(config, folds.n_folds)
     if members.scheme != folds.scheme or members.fold.max() > folds.n_folds:
-        raise ValueError(f"members ({members.scheme}, folds up to {members.fold.max()}) do not fit cv {folds.scheme!r}")
-    train_masks = folds.train_masks()  # [slots, n]; a member's slot is its fold
-    val_masks = ~train_masks[members.fold]
+        raise UserError(f"members ({members.scheme}, folds up to {members.fold.max()}) do not fit"
+                        f" cv {folds.scheme!r} with {folds.n_folds} folds")
+    placement = placement or MemberPlacement()
+    # Pad the member axis to fill every device; padding members repeat member 0 and are dropped.
+    padded = members.take(np.arange(placement.padded(len(members))) % len(members))
+    n = len(members)
+    fold_of_row = folds.fold_of_row
+    specs, val_masks = member_specs(padded, fold_of_row)
+    train_masks = folds.train_masks()  # [slots, n]: slot k = fold k's training rows, slot K = all rows
     tables = build_tables(config, train, train_masks)
-    data = Data(
-        targets=jnp.asarray(train.targets),
-        cell_index=jnp.asarray(train.cell_index),
-        compound_index=jnp.asarray(train.compound_index),
-        tables=tables,
-        decoder=target_decoder(config, train.targets, train_masks),
-    )
-    member_folds = jnp.asarray(members.fold, jnp.int32)
-    specs = MemberSpec(
-        key=member_keys(config.seed, members.seed, members.fold),
-        fold=member_folds,
-        train_mask=jnp.asarray(~val_masks),
-        **padded_rows(val_masks),
-    )
-    engine = Ensemble(config, tables.width, train.targets.shape[1])
+    decoder = target_decoder(config, train.targets, train_masks)
+    data = placement.replicate(Data(train.targets, train.cell_index, train.compound_index, tables, decoder))
+    specs = placement.shard(specs)
+    masks = frozenset(name for name in ("dropout", "input_mask") if members.hparams[name].any())
+    engine = compiled_ensemble(config, tables.width, train.targets.shape[1], masks)
     steps = engine.steps_per_epoch(~val_masks)
-    state = engine.init(specs.key)
+    state = engine.init(specs)
 
     epoch = 0
-    while epoch < config.epochs:
-        n_epochs = min(config.epochs_per_chunk, config.epochs - epoch)
+    if checkpointer is not None:
+        state, epoch = checkpointer.restore(state, members, tables, decoder)
+    # A run restored after every member stopped (early stopping) has nothing left to train.
+    for end in chunk_ends(config, epoch) if (to_host(state.stopped_at)[:n] < 0).any() else ():
         start = time.perf_counter()
-        state, metrics = engine.train_chunk(state, specs, data, n_epochs, steps)
-        metrics = jax.tree.map(np.asarray, metrics)  # blocks until the chunk is done
-        epoch += n_epochs
+        with out_of_memory_hint(config, n):
+            state, metrics = engine.train_chunk(state, specs, data, end - epoch, steps)
+            metrics = {k: v[:n] for k, v in to_host(metrics).items()}  # blocks until the chunk is done
+        epoch = end
         if on_chunk is not None:
             on_chunk(epoch, metrics, time.perf_counter() - start)
+        stopping = not metrics["running"][:, -1].any()
+        if checkpointer is not None:
+            checkpointer.save(epoch, state, metrics, last=end == config.epochs or stopping)
+        if stopping:
+            break  # every member stopped: nothing left to compute
+    if checkpointer is not None:
+        checkpointer.close()
 
-    oof = np.asarray(
-        engine.mean_prediction(state.best_params, member_folds, val_masks, data, data.cell_index, data.compound_index)
-    )
-    validated = val_masks.any(axis=0)
+    summary = to_host({"best_score": state.best_score, "best_epoch": state.best_epoch, "stopped_at": state.stopped_at,
+                       "diverged": state.diverged})
+    summary = {k: v[:n] for k, v in summary.items()}
+    # Padding members, and members that never kept a best epoch (diverged before a finite score), don't vote.
+    votes = np.zeros(len(padded), bool)
+    votes[:n] = summary["best_epoch"] >= 0
+    oof = to_host(engine.masked_mean_prediction(state.best_params, specs.fold, placement.shard(val_masks & votes[:, None]),
+                                                data.tables, data.decoder, data.cell_index, data.compound_index))
     test_predictions = None
     if queries is not None:
-        test_predictions = np.asarray(
-            engine.mean_prediction(
-                state.best_params,
-                member_folds,
-                np.ones((len(members), len(queries.ids)), bool),
-                data,
-                jnp.asarray(queries.cell_index),
-                jnp.asarray(queries.compound_index),
-            )
-        )
+        query_index = placement.replicate((queries.cell_index, queries.compound_index))
+        member_predictions = engine.predict_members(state.best_params, specs.fold, data.tables, data.decoder, *query_index)
+        test_predictions = to_host(member_predictions)[votes].mean(0)
+    validated = np.isin(fold_of_row, members.fold[votes[:n]])
     return TrainResult(
         members=members,
         folds=folds,
-        member_cv=np.asarray(state.best_score),
-        best_epoch=np.asarray(state.best_epoch),
+        member_cv=summary["best_score"],
+        best_epoch=summary["best_epoch"],
+        stopped_epoch=summary["stopped_at"],
+        diverged=summary["diverged"],
         ensemble_cv=mrrmse(train.targets[validated], oof[validated]) if validated.any() else None,
-        baseline_cv=baseline_cv(train, folds.fold_of_row, np.unique(members.fold)),
+        baseline_cv=baseline_cv(train, fold_of_row, np.unique(members.fold[votes[:n]])),
         test_predictions=test_predictions,
         state=state,
     )

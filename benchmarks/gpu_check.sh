@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU measurement of this project in one call, for a short device lease:
+#   run: bash benchmarks/gpu_check.sh   (carry .whl: flax/optax wheels used only if the machine's differ)
+# Writes JSON, logs and the plot under $OUT (default benchmarks/results).
+set -uo pipefail
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ! python3 -c "import flax, optax; assert flax.__version__.startswith('0.12'), flax.__version__" 2>/dev/null \
+   && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site
+fi
+python3 - <<'PY' | tee "$OUT/gpu-env.txt"
+import jax, flax, optax, numpy
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "numpy", numpy.__version__)
+print("devices", jax.devices())
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$OUT/gpu-env.txt" 2>&1
+timeout 480 python3 benchmarks/throughput.py --budget-s "${BUDGET_S:-330}" --out "$OUT/throughput-gpu.json" \
+  2>&1 | tee "$OUT/throughput-gpu.log"

@@ -1,0 +1,318 @@
+"""Training throughput of the vmapped ensemble against the memory roofline and naive baselines.
+
+Workload W20 (issue 3): 20 members, MLP 1024 -> 1024 -> 1024 -> 18211 (ReLU) on 1024 input
+features, batch 32, 491 training rows per member (614 rows, 5 folds), AdamW + global-norm clip 1.0.
+The optimizer step is memory-bound, so the ceiling is bytes moved per step / device bandwidth:
+
+  per parameter and step: forward read W, backward read W (for dX), write dW, read dW for the
+  clip norm, update reads W, dW, mu, nu and writes W, mu, nu = 11 accesses
+  (44 B in fp32, 22 B with bf16 parameters and state); per epoch add a validation forward and the
+  best-parameter select (about 4 accesses).
+
+Bandwidth is measured in the same run with a large on-device copy. Baselines: the same jitted
+chunk run one member at a time from a Python loop (JAX sequential), and when torch is importable
+a plain PyTorch loop and a torch.func vmap ensemble.
+
+  python benchmarks/throughput.py            # full workload (GPU)
+  python benchmarks/throughput.py --quick    # small model for a CPU
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scp_jax.atomic import write_text
+from scp_jax.config import load_config
+from scp_jax.engine.ensemble import Data, Ensemble
+from scp_jax.engine.members import MemberTable
+from scp_jax.engine.trainer import kfold_assignment, member_specs
+from scp_jax.features.tables import FeatureTables
+
+ACCESSES_PER_STEP, ACCESSES_PER_EPOCH = 11, 4
+WORKLOADS = {
+    "full": dict(features=1024, hidden=(1024, 1024), genes=18211, rows=614, batch=32, epochs=5, reps=3),
+    "quick": dict(features=64, hidden=(64, 64), genes=512, rows=614, batch=32, epochs=2, reps=2),
+}
+
+
+def workload_data(w, seed=0):
+    rng = np.random.default_rng(seed)
+    n_compounds = 146
+    tables = FeatureTables(cell=jnp.zeros((6, 0)), compound=jnp.asarray(rng.normal(size=(n_compounds, w["features"])),
+                                                                          jnp.float32),
+                           fold_cell=jnp.zeros((6, 6, 0)), fold_compound=jnp.zeros((6, n_compounds, 0)))
+    cell_index = np.arange(w["rows"], dtype=np.int32) % 6
+    compound_index = rng.integers(0, n_compounds, w["rows"]).astype(np.int32)
+    targets = rng.standard_t(3, size=(w["rows"], w["genes"])).astype(np.float32)
+    return Data(jnp.asarray(targets), jnp.asarray(cell_index), jnp.asarray(compound_index), tables)
+
+
+def config_for(w, members, precision):
+    return load_config(None, [f"ensemble={members}", "folds=5", f"batch_size={w['batch']}",
+                              f"model.hidden={list(w['hidden'])}", f"precision={precision}",
+                              "optim.clip_norm=1.0", "optim.weight_decay=1e-4"])
+
+
+def n_params(w):
+    sizes = (w["features"], *w["hidden"], w["genes"])
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def measure_bandwidth():
+    """Bytes read + written per second by a large on-device elementwise copy."""
+    x = jnp.ones((2**28,), jnp.float32)  # 1 GiB
+    copy = jax.jit(lambda v: v * 1.0001)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def peak_memory():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def run_ensemble(w, data, members, precision, member_table=None):
+    """Compile time and steady-state member-epochs/s of one chunk program."""
+    config = config_for(w, members, precision)
+    table = member_table or MemberTable.from_config(config)
+    fold_of_row = kfold_assignment(w["rows"], config.folds, config.seed)
+    specs, val_masks = member_specs(table, fold_of_row)
+    specs = jax.tree.map(jnp.asarray, specs)
+    engine = Ensemble(config, data.tables.width, w["genes"])
+    steps = engine.steps_per_epoch(~val_masks)
+    state = engine.init(specs)
+    start = time.perf_counter()
+    compiled = engine.train_chunk.lower(state, specs, data, w["epochs"], steps).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, specs, data)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(w["reps"]):
+        start = time.perf_counter()
+        state, metrics = compiled(state, specs, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    memory = compiled.memory_analysis()
+    program_bytes = None if memory is None else int(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
+    return {"members": len(table), "precision": precision, "steps_per_epoch": steps, "compile_s": compile_s,
+            "chunk_s": seconds, "member_epochs_per_s": len(table) * w["epochs"] / seconds,
+            "program_bytes": program_bytes, "peak_bytes_in_use": peak_memory()}
+
+
+def roofline(w, result, bandwidth):
+    bytes_per_access = 2 if result["precision"] == "bf16_state" else 4
+    per_member_epoch = (result["steps_per_epoch"] * ACCESSES_PER_STEP + ACCESSES_PER_EPOCH) * n_params(w) * bytes_per_access
+    ceiling = bandwidth / per_member_epoch
+    return {"bytes_per_member_epoch": per_member_epoch, "ceiling_member_epochs_per_s": ceiling,
+            "roofline_fraction": result["member_epochs_per_s"] / ceiling}
+
+
+def jax_sequential(w, data, members):
+    """The same compiled chunk, one member at a time from a Python loop."""
+    config = config_for(w, members, "fp32")
+    table = MemberTable.from_config(config)
+    total = 0.0
+    for i in range(members):
+        one = run_ensemble(w, data, 1, "fp32", member_table=table.take([i]))
+        total += one["chunk_s"]
+    return {"members": members, "member_epochs_per_s": members * w["epochs"] / total}
+
+
+def torch_baselines(w, members, deadline):
+    """Plain PyTorch: a sequential loop over members, and a torch.func vmap ensemble."""
+    try:
+        import torch
+        from torch.func import functional_call, grad, stack_module_state, vmap
+    except ImportError:
+        return {"skipped": "torch not importable"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    sizes = (w["features"], *w["hidden"], w["genes"])
+
+    def make():
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
+        return torch.nn.Sequential(*layers).to(device)
+
+    x = torch.randn(w["rows"], w["features"], device=device)
+    y = torch.randn(w["rows"], w["genes"], device=device)
+    n_train, steps = 491 if w["rows"] == 614 else int(w["rows"] * 0.8), None
+    steps = math.ceil(n_train / w["batch"])
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def sequential(n_members, epochs, autocast):
+        model_times = 0.0
+        for _ in range(n_members):
+            model = make()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+            sync()
+            start = time.perf_counter()
+            for _ in range(epochs):
+                perm = torch.randperm(n_train, device=device)
+                for s in range(steps):
+                    idx = perm[s * w["batch"]:(s + 1) * w["batch"]]
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                        loss = torch.nn.functional.mse_loss(model(x[idx]).float(), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                with torch.no_grad():
+                    model(x[n_train:])
+            sync()
+            model_times += time.perf_counter() - start
+        return n_members * epochs / model_times
+
+    def vmapped(n_members, epochs):
+        models = [make() for _ in range(n_members)]
+        params, _ = stack_module_state(models)
+        params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
+        base = make().to("meta")
+        opt = torch.optim.AdamW(list(params.values()), lr=1e-3, weight_decay=1e-4)
+
+        def loss_fn(p, xb, yb):
+            return torch.nn.functional.mse_loss(functional_call(base, p, (xb,)), yb)
+
+        grads_fn = vmap(grad(loss_fn), in_dims=(0, 0, 0))
+        sync()
+        start = time.perf_counter()
+        for _ in range(epochs):
+            perms = torch.stack([torch.randperm(n_train, device=device) for _ in range(n_members)])
+            for s in range(steps):
+                idx = perms[:, s * w["batch"]:(s + 1) * w["batch"]]
+                grads = grads_fn(params, x[idx], y[idx])
+                norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+                scale = (1.0 / torch.clamp(norms, min=1.0)).view(-1)
+                for k, p in params.items():
+                    p.grad = grads[k] * scale.view(-1, *([1] * (grads[k].dim() - 1)))
+                opt.step()
+        sync()
+        return n_members * epochs / (time.perf_counter() - start)
+
+    out = {"device": device, "torch": torch.__version__}
+    sequential(1, 1, False)  # warm-up (cuBLAS handles, allocator)
+    out["torch_sequential_fp32"] = sequential(2, 2, False)
+    if time.perf_counter() < deadline:
+        out["torch_sequential_bf16_autocast"] = sequential(2, 2, True)
+    if time.perf_counter() < deadline:
+        vmapped(members, 1)
+        out["torch_func_vmap_fp32"] = vmapped(members, 2)
+    return out
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for precision, marker in (("fp32", "o"), ("bf16", "s"), ("bf16_state", "^")):
+        rows = [r for r in results["sweep"] if r["precision"] == precision]
+        if rows:
+            left.plot([r["members"] for r in rows], [r["member_epochs_per_s"] for r in rows], marker=marker,
+                      label=precision)
+            left.plot([r["members"] for r in rows], [r["ceiling_member_epochs_per_s"] for r in rows], ls=":",
+                      color=left.lines[-1].get_color(), label=f"{precision} memory roofline")
+    left.set(xscale="log", xlabel="ensemble members", ylabel="member-epochs / s",
+             title=f"scp-jax ensemble throughput ({results['device']})")
+    left.legend(fontsize=8)
+    bars = {f"scp-jax {r['precision']}": r["member_epochs_per_s"] for r in results["sweep"]
+            if r["members"] == results["w20_members"]}
+    bars["JAX sequential"] = results["baselines"].get("jax_sequential", {}).get("member_epochs_per_s", 0)
+    for key in ("torch_sequential_fp32", "torch_sequential_bf16_autocast", "torch_func_vmap_fp32"):
+        if key in results["baselines"].get("torch", {}):
+            bars[key.replace("_", " ")] = results["baselines"]["torch"][key]
+    right.barh(list(bars), list(bars.values()), color="tab:blue")
+    for i, v in enumerate(bars.values()):
+        right.text(v, i, f" {v:.0f}", va="center", fontsize=8)
+    right.set(xlabel="member-epochs / s", title=f"W{results['w20_members']}: engine vs baselines")
+    fig.tight_layout()
+    with_path = Path(path)
+    fig.savefig(with_path.with_suffix(".tmp.png"), dpi=110)
+    with_path.with_suffix(".tmp.png").replace(with_path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, for a CPU")
+    parser.add_argument("--sizes", default=None, help="ensemble sizes (default 1,5,20,50,100; quick 1,8)")
+    parser.add_argument("--precisions", default="fp32,bf16,bf16_state")
+    parser.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    w = WORKLOADS["quick" if args.quick else "full"]
+    sizes = [int(s) for s in (args.sizes or ("1,8" if args.quick else "1,5,20,50,100")).split(",")]
+    w20 = 8 if args.quick else 20
+    device = jax.devices()[0]
+    kind = "gpu" if device.platform == "gpu" else device.platform
+    out = Path(args.out or f"benchmarks/results/throughput-{kind}{'-quick' if args.quick else ''}.json")
+    results = {"device": getattr(device, "device_kind", kind), "platform": device.platform,
+               "jax": jax.__version__, "python": platform.python_version(), "workload": w,
+               "params_per_member": n_params(w), "w20_members": w20, "sweep": [], "baselines": {},
+               "accesses_per_step": ACCESSES_PER_STEP, "accesses_per_epoch": ACCESSES_PER_EPOCH}
+    data = workload_data(w)
+    results["bandwidth_bytes_per_s"] = bandwidth = measure_bandwidth()
+    print(f"{results['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+
+    def save():
+        write_text(out, json.dumps(results, indent=2) + "\n")
+
+    # W20 first in every precision, then the size sweep, so a short budget still measures W20.
+    order = [(w20, p) for p in args.precisions.split(",")] + [
+        (m, p) for p in ("fp32", "bf16_state") if p in args.precisions for m in sizes if m != w20]
+    for members, precision in order:
+        if time.perf_counter() > deadline:
+            results.setdefault("skipped", []).append({"members": members, "precision": precision})
+            continue
+        try:
+            r = run_ensemble(w, data, members, precision)
+        except Exception as err:  # e.g. out of memory at the largest size: record it and go on
+            results.setdefault("failed", []).append({"members": members, "precision": precision,
+                                                     "error": str(err).splitlines()[0][:300]})
+            continue
+        r.update(roofline(w, r, bandwidth))
+        results["sweep"].append(r)
+        print(f"{members:4d} members {precision:10s} {r['member_epochs_per_s']:8.1f} member-epochs/s "
+              f"({r['roofline_fraction']:.0%} of roofline {r['ceiling_member_epochs_per_s']:.0f}), "
+              f"compile {r['compile_s']:.1f} s", flush=True)
+        save()
+    results["sweep"].sort(key=lambda r: (r["precision"], r["members"]))
+    if time.perf_counter() < deadline:
+        results["baselines"]["jax_sequential"] = jax_sequential(w, data, w20 if args.quick else 5)
+        print(f"JAX sequential {results['baselines']['jax_sequential']['member_epochs_per_s']:.1f} member-epochs/s",
+              flush=True)
+        save()
+    if time.perf_counter() < deadline:
+        results["baselines"]["torch"] = torch_baselines(w, w20, deadline)
+        print(f"torch: {results['baselines']['torch']}", flush=True)
+    results["wall_s"] = time.perf_counter() - start
+    save()
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Orbax checkpoints of a run in RUN_DIR/checkpoints/<epoch>/, one step per checkpoint epoch.
+
+A step holds three items: `state`, the whole MemberState (parameters, optimizer state, best
+parameters and scores, epoch) as a flat {name: array} dict; `tables`, the feature tables and the
+per-gene training range (numpy), with the per-fold tables and the SVD target decoder
+(`decoder.mean`, `decoder.basis`, per fold slot) when the run has them; `metadata`, JSON (resolved config TOML, member table, feature spec,
+vocabularies, gene names). Randomness is derived from member keys and the epoch, so these are all a
+resumed run needs to continue bit-identically.
+
+Orbax writes a step into `<epoch>.orbax-checkpoint-tmp*` and renames it when complete, so a
+half-written step is never listed. Kept: the latest `checkpoint_keep` steps plus the best one, where
+best = lowest mean over members of the validation MRRMSE of the step's current (last-epoch)
+parameters (their train loss under cv = "full"). (Every step's `best_params` already hold each
+member's best epoch; the best step is what `export --last` wants.)
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from scp_jax.config import to_toml
+from scp_jax.errors import UserError
+
+STATE, TABLES, METADATA = "state", "tables", "metadata"
+ITEMS = (STATE, TABLES, METADATA)
+SCORE = "mean_val_mrrmse"
+EMPTY_TABLES = "empty_tables"  # metadata: {name: shape} of zero-width tables (e.g. no per-fold features)
+STALL_ENV = "SCP_JAX_TEST_STALL_AFTER_EPOCH"  # test hook: sleep after this epoch, its checkpoint on disk
+
+
+def leaf_name(path):
+    """`.opt_state[1][0].mu['head']['kernel'].value` -> `opt_state.1.0.mu.head.kernel`."""
+    text = re.sub(r"\.value$", "", jax.tree_util.keystr(path))
+    return ".".join(part for part in re.split(r"[.\[\]']+", text) if part)
+
+
+def flatten(tree):
+    named = {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    assert len(named) == len(jax.tree.leaves(tree)), "two leaves map to one checkpoint name"
+    return named
+
+
+def unflatten(template, named):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree.unflatten(treedef, [named[leaf_name(path)] for path, _ in paths])
+
+
+def place_like(state, named, n_members):
+    """Restored host leaves (real members only) placed like the live state: the padding members that
+    fill the devices repeat member i % n, and each leaf takes the live leaf's sharding."""
+    leaves = {}
+    for name, like in flatten(state).items():
+        x = named.get(name)
+        if x is None or x.shape != (n_members, *like.shape[1:]) or x.dtype != like.dtype:
+            got = "missing" if x is None else f"{x.dtype}{list(x.shape)}"
+            raise UserError(f"checkpoint leaf {name} is {got}, this run needs {like.dtype}{[n_members, *like.shape[1:]]}")
+        padded = x[np.arange(like.shape[0]) % n_members]
+        leaves[name] = jax.make_array_from_callback(like.shape, like.sharding, lambda index, a=padded: a[index])
+    return unflatten(state, leaves)
+
+
+def open_manager(directory, config=None):
+    """A manager that writes (given the run's config: creates the dir, applies the keep policy) or only reads."""
+    keep = None
+    if config is not None:
+        keep = policies.AnyPreservationPolicy([
+            policies.LatestN(n=config.checkpoint_keep),
+            policies.BestN(get_metric_fn=lambda metrics: metrics[SCORE], reverse=True, n=1),
+        ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=keep, create=config is not None, cleanup_tmp_directories=config is not None
+    )
+    handlers = {STATE: ocp.StandardCheckpointHandler(), TABLES: ocp.StandardCheckpointHandler(),
+                METADATA: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers, options=options)
+
+
+def latest_step(directory):
+    """The newest complete step, or a UserError saying there is none."""
+    directory = Path(directory)
+    step = open_manager(directory).latest_step() if directory.is_dir() else None
+    if step is None:
+        raise UserError(f"{directory}: no complete checkpoint (training stopped before the first checkpoint_every epochs?)")
+    return step
+
+
+def restore_items(directory, step, state_targets=None):
+    """Restore one step; `state_targets` (abstract leaves with shardings) default to host CPU arrays.
+
+    Any failure names the step and the file it concerns, so a corrupted step is found from the message.
+    """
+    step_dir = Path(directory) / str(step)
+    for name in ("_CHECKPOINT_METADATA", f"{STATE}/_METADATA", f"{TABLES}/_METADATA", f"{METADATA}/metadata"):
+        if not (step_dir / name).is_file():
+            raise UserError(f"{step_dir}: checkpoint step {step} is missing file {name}")
+    manager = open_manager(directory)
+    try:
+        return restore_step(manager, step_dir, step, state_targets)
+    finally:
+        manager.close()
+
+
+def restore_step(manager, step_dir, step, state_targets):
+    with corruption_guard(step_dir / METADATA, step):
+        metadata = manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
+    with corruption_guard(step_dir, step):
+        saved = manager.item_metadata(step)  # reads every item's array metadata
+    with corruption_guard(step_dir / TABLES, step):
+        tables = restore_arrays(manager, step, TABLES, host_targets(saved[TABLES]))
+    with corruption_guard(step_dir / STATE, step):
+        state = restore_arrays(manager, step, STATE, state_targets or host_targets(saved[STATE]))
+    tables = jax.tree.map(np.asarray, tables)
+    for name, shape in metadata.get(EMPTY_TABLES, {}).items():  # Orbax cannot save zero-size arrays
+        tables[name] = np.zeros(shape, np.float32)
+    return state, tables, metadata
+
+
+def restore_arrays(manager, step, item, targets):
+    return dict(manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(targets)}))[item])
+
+
+@contextlib.contextmanager
+def corruption_guard(path, step):
+    """Orbax/TensorStore failures as one line naming the step and (in TensorStore's words) the file."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
+        detail = first_line(err).replace(str(path.absolute()) + "/", "").replace(str(path.absolute().parent) + "/", "")
+        raise UserError(f"{path}: checkpoint step {step} is corrupted ({detail})") from None
+
+
+def host_targets(saved):
+    """Targets for an item as saved, placed on the host CPU whatever devices wrote it."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return {name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=cpu) for name, meta in saved.items()}
+
+
+def first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0][:500] if text else type(err).__name__
+
+
+def run_metadata(config, train, members):
+    return {
+        "format": 1,
+        "config_toml": to_toml(config),
+        "members": members.rows(),
+        "features": list(config.features),
+        "cell_types": list(train.cell_types),
+        "compounds": list(train.compounds),
+        "genes": list(train.genes),
+    }
+
+
+def run_tables(tables, train, decoder=None):
+    """Everything array-shaped that export needs besides parameters (host numpy)."""
+    named = {f"features.{name}": np.asarray(value) for name, value in flatten_tables(tables).items()}
+    if decoder is not None:
+        named["decoder.mean"], named["decoder.basis"] = np.asarray(decoder.mean), np.asarray(decoder.basis)
+    named["clip_min"] = train.targets.min(axis=0)
+    named["clip_max"] = train.targets.max(axis=0)
+    return named
+
+
+def flatten_tables(tables):
+    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tables)[0]}
+
+
+class Checkpointer:
+    """The trainer's hook: `restore(initial_state, members, tables, decoder)` before the loop, `save(epoch, state, metrics)` after
+    each chunk, `close()` at the end (waits for async saves)."""
+
+    def __init__(self, directory, config, train, resume=False):
+        self.directory, self.config, self.train, self.resume = Path(directory), config, train, resume
+        self.manager = open_manager(self.directory, config)
+
+    def restore(self, state, members, tables, decoder=None):
+        """(state, epoch) to start from: the latest complete step when resuming, else (state, 0)."""
+        self.metadata, self.n_members = run_metadata(self.config, self.train, members), len(members)
+        self.tables = run_tables(tables, self.train, decoder)
+        check_disk_space(self.directory, state_bytes(state), self.config.checkpoint_keep)
+        if not self.resume:
+            return state, 0
+        step = latest_step(self.directory)
+        named, _, metadata = restore_items(self.directory, step)
+        for key in ("members", "features", "genes", "cell_types", "compounds"):
+            if metadata.get(key) != self.metadata[key]:
+                raise UserError(f"{self.directory / str(step)}: checkpoint step {step} was written for other {key}")
+        return place_like(state, named, self.n_members), step
+
+    def save(self, epoch, state, metrics, last=False):
+        """Save at checkpoint_every epochs and the last epoch; only the real members, not device padding."""
+        if epoch % self.config.checkpoint_every == 0 or last:
+            # cv = "full" has no validation score: its best step is then the one with the lowest train loss.
+            scores = next((s[np.isfinite(s)] for s in (metrics["val_mrrmse"][:, -1], metrics["train_loss"][:, -1])
+                           if np.isfinite(s).any()), np.array([np.inf]))
+            score = float(scores.mean())
+            # Slicing copies on device: the next chunk donates `state` while Orbax may still be reading it.
+            named = {name: leaf[: self.n_members] for name, leaf in flatten(state).items()}
+            write_step(self.manager, epoch, named, self.tables, self.metadata, score)
+        if os.environ.get(STALL_ENV) == str(epoch):
+            self.manager.wait_until_finished()
+            print(f"stalled after epoch {epoch}", flush=True)
+            time.sleep(600)
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def write_step(manager, epoch, named_state, tables, metadata, score):
+    """Start an async save of one step; `manager.wait_until_finished()` makes it durable.
+
+    Zero-size tables (no per-fold features, say) go into the metadata as shapes: Orbax cannot save them.
+    """
+    empty = {name: list(np.shape(value)) for name, value in tables.items() if not np.size(value)}
+    tables = {name: value for name, value in tables.items() if name not in empty}
+    metadata = dict(metadata, **{EMPTY_TABLES: empty})
+    manager.save(epoch, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(named_state),
+        TABLES: ocp.args.StandardSave(tables),
+        METADATA: ocp.args.JsonSave(dict(metadata, epoch=epoch, **{SCORE: score})),
+    }), metrics={SCORE: score})
+
+
+def state_bytes(state):
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+
+
+def check_disk_space(directory, checkpoint_bytes, keep):
+    """Fail before training if the kept checkpoints (latest `keep`, the best, one being written) can't fit."""
+    probe = next(p for p in (directory, *directory.parents) if p.exists())
+    need = checkpoint_bytes * (keep + 2)
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(
+            f"{directory}: checkpoints need about {need / 2**20:.0f} MiB ({keep} kept + best + one in flight,"
+            f" {checkpoint_bytes / 2**20:.0f} MiB each) but only {free / 2**20:.0f} MiB are free;"
+            " free space or lower checkpoint_keep, ensemble or model.hidden"
+        )

@@ -1,0 +1,93 @@
+"""`python -m scp_jax.export RUN_DIR --out model.npz [--best|--last]`: a trained ensemble as plain numpy.
+
+The npz holds arrays stacked over members (`params.layers.<i>.kernel`, ..., `params.head.bias`),
+the feature tables (`features.cell`, `features.compound`, per fold slot `features.fold_cell`,
+`features.fold_compound`), the SVD target decoder per fold slot (`decoder.mean`, `decoder.basis`)
+when the run predicts components, each gene's training range
+(`clip_min`, `clip_max`) and `manifest`, a JSON string: architecture and its config, member table,
+feature spec, vocabularies, gene names, package versions. scp_jax.predictor runs it without jax.
+"""
+
+import argparse
+import importlib.metadata
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from scp_jax.atomic import atomic_path
+from scp_jax.errors import UserError, cli_main
+from scp_jax.predictor import FORMAT, MANIFEST
+
+PACKAGES = ("scp-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def package_versions():
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def export_run(run_dir, which="best"):
+    """(arrays, manifest) of RUN_DIR's latest checkpoint; `which` = best-epoch or last-epoch parameters."""
+    from scp_jax.engine.checkpoint import latest_step, restore_items
+
+    directory = Path(run_dir) / "checkpoints"
+    step = latest_step(directory)
+    named, tables, metadata = restore_items(directory, step)
+    prefix = {"best": "best_params.", "last": "params."}[which]
+    # float32 whatever the training precision (bf16_state stores bf16 parameters).
+    arrays = {"params." + name[len(prefix):]: np.asarray(v).astype(np.float32) for name, v in named.items()
+              if name.startswith(prefix)}
+    arrays.update(tables)
+    manifest = {
+        "format": FORMAT,
+        "architecture": "mlp",
+        "model": tomllib.loads(metadata["config_toml"])["model"],
+        "params": which,
+        "epoch": step,
+        "members": metadata["members"],
+        "features": metadata["features"],
+        "cell_types": metadata["cell_types"],
+        "compounds": metadata["compounds"],
+        "genes": metadata["genes"],
+        "config_toml": metadata["config_toml"],
+        "versions": package_versions(),
+    }
+    return arrays, manifest
+
+
+def write_npz(path, arrays, manifest):
+    """Atomically: a crash never leaves a half-written model under the final name."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{MANIFEST: np.array(json.dumps(manifest))}, **arrays)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m scp_jax.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", required=True, help="model.npz to write")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--best", dest="which", action="store_const", const="best", help="best-epoch parameters (default)")
+    which.add_argument("--last", dest="which", action="store_const", const="last", help="last-epoch parameters")
+    return parser.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"{args.run_dir}: run dir not found")
+    arrays, manifest = export_run(args.run_dir, args.which or "best")
+    write_npz(args.out, arrays, manifest)
+    members = len(manifest["members"])
+    print(f"exported {members} members ({manifest['params']} params, epoch {manifest['epoch']}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Checkpoints, resume after SIGKILL, export, the jax-free predictor and device-count portability.
+
+One tiny world (32 genes, 4 members, hidden [16]) trained by the CLI in subprocesses that share a
+persistent compilation cache, so the whole file stays well under a minute on 2 cores.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scp_jax.data.synth import make_world
+from scp_jax.engine.checkpoint import STALL_ENV, latest_step, restore_items
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
+       "--set", "model.hidden=[16]", "--set", "model.activation='gelu'"]
+
+
+def env(tmp, **extra):
+    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax-cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+
+
+def cli(module, *args, environ):
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], env=environ, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process):
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A straight 6-epoch run, and one SIGKILLed after epoch 4 (checkpoint 3 on disk) then resumed."""
+    tmp = tmp_path_factory.mktemp("runs")
+    world = make_world(tmp / "world", genes=32, seed=0)
+    data = ["--data", world / "de_train.parquet"]
+    finish(cli("scp_jax.train", *data, "--out", tmp / "straight", *RUN, environ=env(tmp)))  # fills the cache
+    killed = cli("scp_jax.train", *data, "--out", tmp / "resumed", *RUN, environ=env(tmp, **{STALL_ENV: "4"}))
+    for line in killed.stdout:
+        if line.startswith("stalled after epoch 4"):
+            break
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = tmp / "resumed"
+    assert latest_step(resumed / "checkpoints") == 3
+    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 4  # epoch 4 logged, not checkpointed
+    # A half-written step 6 (Orbax's tmp dir, never renamed) must never be picked up.
+    (resumed / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000").mkdir()
+    (resumed / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000" / "junk").write_text("half")
+    assert latest_step(resumed / "checkpoints") == 3
+    output = finish(cli("scp_jax.train", "--resume", resumed, environ=env(tmp)))
+    return {"tmp": tmp, "world": world, "straight": tmp / "straight", "resumed": resumed, "output": output}
+
+
+def test_resume_after_sigkill_is_bit_identical(runs):
+    straight, resumed = runs["straight"], runs["resumed"]
+    for name in ("submission.csv", "metrics.jsonl", "cv.json"):
+        assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
+    a, _, meta_a = restore_items(straight / "checkpoints", 6)
+    b, _, meta_b = restore_items(resumed / "checkpoints", 6)
+    assert a.keys() == b.keys() and meta_a == meta_b
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert any(k.startswith("opt_state.") and k.endswith("mu.head.kernel") for k in a) and "best_params.head.kernel" in a
+
+
+def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from scp_jax.config import load_config
+    from scp_jax.engine.checkpoint import unflatten
+    from scp_jax.engine.ensemble import compiled_ensemble
+    from scp_jax.engine.members import MemberTable
+    from scp_jax.engine.trainer import kfold_assignment, member_specs
+    from scp_jax.export import export_run, main as export_main
+    from scp_jax.features.tables import FeatureTables
+    from scp_jax.predictor import Predictor
+
+    model = tmp_path / "model.npz"
+    assert export_main(["--last", str(runs["straight"]), "--out", str(model)]) is None
+    blocked = tmp_path / "blocked"
+    (blocked / "jax").mkdir(parents=True)
+    (blocked / "jax" / "__init__.py").write_text("raise ImportError('jax is blocked in this test')\n")
+    environ = dict(os.environ, PYTHONPATH=f"{blocked}{os.pathsep}{ROOT}")
+    out = tmp_path / "sub.csv"
+    id_map = runs["world"] / "id_map.csv"
+    finish(cli("scp_jax.predict", model, "--id-map", id_map, "--out", out, environ=environ))
+    probe = subprocess.run([sys.executable, "-c", "import jax"], env=environ, capture_output=True, text=True)
+    assert "jax is blocked" in probe.stderr
+
+    # JAX: the same last-epoch parameters through the Flax model.
+    named, tables, meta = restore_items(runs["straight"] / "checkpoints", 6)
+    config = load_config(runs["straight"] / "config.toml")
+    feature_tables = FeatureTables(**{k: jnp.asarray(tables[f"features.{k}"])
+                                      for k in ("cell", "compound", "fold_cell", "fold_compound")})
+    engine = compiled_ensemble(config, feature_tables.width, len(meta["genes"]))
+    specs, _ = member_specs(MemberTable.from_config(config), kfold_assignment(614, config.folds, config.seed))
+    params = {k[len("params."):]: v for k, v in named.items() if k.startswith("params.")}
+    stacked = unflatten(jax.eval_shape(engine.init, specs).params, params)
+    queries = pd.read_csv(id_map)
+    cells = np.array([meta["cell_types"].index(c) for c in queries.cell_type])
+    compounds = np.array([meta["compounds"].index(c) for c in queries.sm_name])
+    reference = np.asarray(engine.predict_members(stacked, specs.fold, feature_tables, None, cells, compounds)).mean(axis=0)
+    numpy_csv = pd.read_csv(out).to_numpy()[:, 1:].astype(np.float64)
+    np.testing.assert_allclose(numpy_csv, reference, atol=1e-5)
+
+    predictor = Predictor(*export_run(runs["straight"], "last"))
+    np.testing.assert_allclose(predictor.predict(cells, compounds, dtype=np.float64), reference, atol=1e-5)
+    clipped = predictor.predict(cells, compounds, aggregate="median", clip=True)
+    assert (clipped >= predictor.arrays["clip_min"]).all() and (clipped <= predictor.arrays["clip_max"]).all()
+
+
+TWO_DEVICES = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from scp_jax.config import load_config
+    from scp_jax.engine.checkpoint import open_manager, restore_items, write_step
+    source, target, config = sys.argv[1:]
+    assert len(jax.devices()) == 2, jax.devices()
+    host, tables, metadata = restore_items(source, 6)
+    over_members = NamedSharding(Mesh(np.array(jax.devices()), ("member",)), PartitionSpec("member"))
+    targets = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=over_members) for k, v in host.items()}
+    sharded, _, _ = restore_items(source, 6, targets)
+    for name, value in sharded.items():
+        assert len(value.sharding.device_set) == 2, name
+        np.testing.assert_array_equal(np.asarray(value), host[name])
+    manager = open_manager(target, load_config(config))
+    write_step(manager, 6, sharded, tables, metadata, 1.0)
+    manager.wait_until_finished()
+""")
+
+
+def test_checkpoint_restores_on_another_device_count(runs, tmp_path):
+    """1 device -> restored sharded over 2 (subprocess) -> saved from 2 -> restored on this 1-device process."""
+    import jax
+
+    straight = runs["straight"]
+    environ = env(runs["tmp"], XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run([sys.executable, "-c", TWO_DEVICES, straight / "checkpoints", tmp_path / "ckpt",
+                           straight / "config.toml"], env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(jax.devices()) == 1
+    host, _, _ = restore_items(straight / "checkpoints", 6)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one) for k, v in host.items()}
+    back, _, _ = restore_items(tmp_path / "ckpt", 6, targets)
+    for name, value in back.items():
+        assert value.sharding == one
+        np.testing.assert_array_equal(np.asarray(value), host[name], err_msg=name)
+
+
+def copy_checkpoints(runs, tmp_path):
+    shutil.copytree(runs["straight"] / "checkpoints", tmp_path / "checkpoints")
+    return tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda step: (step / "metadata" / "metadata").write_text("{not json"), r"6/metadata: checkpoint step 6 is corrupted"),
+    (lambda step: (step / "state" / "_METADATA").unlink(), r"6: checkpoint step 6 is missing file state/_METADATA"),
+    (lambda step: [f.write_bytes(b"\0" * 16) for f in (step / "state" / "d").iterdir()], r"6: checkpoint step 6 is corrupted .*state/"),
+])
+def test_corrupted_checkpoint_is_one_line_error(runs, tmp_path, capsys, damage, message):
+    from scp_jax.export import main as export_main
+
+    damage(copy_checkpoints(runs, tmp_path) / "6")
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(tmp_path), "--out", str(tmp_path / "m.npz")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1 and re.search(message, error), error
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
+    from scp_jax.export import main as export_main
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(tmp_path), "--out", str(tmp_path / "m.npz")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no complete checkpoint" in error and error.count("\n") == 1
+
+
+def test_predict_rejects_unknown_cell_type_in_one_line(runs, tmp_path, capsys):
+    from scp_jax.export import main as export_main
+    from scp_jax.predict import main as predict_main
+
+    export_main([str(runs["straight"]), "--out", str(tmp_path / "m.npz")])
+    id_map = pd.read_csv(runs["world"] / "id_map.csv")
+    id_map.loc[3, "cell_type"] = "Neurons"
+    id_map.to_csv(tmp_path / "id_map.csv", index=False)
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(tmp_path / "m.npz"), "--id-map", str(tmp_path / "id_map.csv"), "--out", str(tmp_path / "s.csv")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "row 3: cell_type 'Neurons' is not in the model's training data" in error
+    assert not (tmp_path / "s.csv").exists()

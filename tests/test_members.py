@@ -1,0 +1,161 @@
+"""Member table, sweeps, per-member randomness, early stopping, NaN isolation, precision, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scp_jax.config import load_config
+from scp_jax.engine.members import MemberTable
+from scp_jax.engine.trainer import train_ensemble
+from scp_jax.precision import stochastic_round_bf16
+from toy import toy_queries, toy_train
+
+BASE = ["model.hidden=[16]", "batch_size=8", "epochs=4", "epochs_per_chunk=2", "folds=3"]
+
+
+def member_leaves(state, i):
+    return [np.asarray(x)[i] for x in jax.tree.leaves(state.params)]
+
+
+def test_sweep_is_the_product_of_members_and_values():
+    config = load_config(None, ["ensemble=3", "folds=3", "sweep.learning_rate=[1e-3, 1e-2]", "sweep.dropout=[0.0, 0.2]"])
+    table = MemberTable.from_config(config)
+    assert len(table) == 12
+    combos = {(float(lr), float(d)) for lr, d in zip(table.hparams["learning_rate"], table.hparams["dropout"])}
+    assert combos == {(np.float32(a), np.float32(b)) for a in (1e-3, 1e-2) for b in (0.0, 0.2)}
+    assert list(table.fold[:3]) == [0, 1, 2] and list(table.seed[:3]) == [0, 0, 0]
+
+
+def test_sweep_member_equals_that_member_alone_with_its_hyperparameters():
+    train = toy_train()
+    config = load_config(None, BASE + ["ensemble=2", "sweep.learning_rate=[3e-3, 1e-2]",
+                                       "sweep.dropout=[0.0, 0.3]", "sweep.input_mask=[0.2]"])
+    ensemble = train_ensemble(config, train)
+    member = 7  # learning_rate 1e-2, dropout 0.3, member index 1 -> seed 0, fold 1
+    row = ensemble.members.rows()[member]
+    assert (row["learning_rate"], row["dropout"], row["fold"]) == (0.01, 0.3, 1)
+    alone = train_ensemble(config, train, members=MemberTable.single(
+        config, seed=0, fold=1, learning_rate=1e-2, dropout=0.3, input_mask=0.2))
+    for stacked, single in zip(member_leaves(ensemble.state, member), member_leaves(alone.state, 0)):
+        np.testing.assert_allclose(stacked, single, atol=1e-5)
+    # Different dropout -> different parameters: the randomness is really per member.
+    assert not np.allclose(member_leaves(ensemble.state, 5)[0], member_leaves(ensemble.state, 7)[0])
+
+
+def test_diverging_member_is_frozen_at_its_best_and_others_are_unaffected():
+    train = toy_train()
+    config = load_config(None, BASE + ["ensemble=2", "epochs=4", "sweep.learning_rate=[3e-3, 1e6]",
+                                       "sweep.clip_norm=[1e9]"])
+    result = train_ensemble(config, train, toy_queries(train))
+    assert list(result.diverged) == [False, False, True, True]
+    assert np.isfinite(result.test_predictions).all()
+    for i in (2, 3):  # frozen at the best params (init params if no finite epoch): finite
+        assert all(np.isfinite(leaf).all() for leaf in member_leaves(result.state, i))
+    healthy = train_ensemble(config, train, members=MemberTable.from_config(config).take([0, 1]))
+    for i in (0, 1):
+        for a, b in zip(member_leaves(result.state, i), member_leaves(healthy.state, i)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_updating():
+    train = toy_train()
+    overfit = BASE + ["ensemble=3", "patience=2", "optim.learning_rate=0.05", "optim.clip_norm=100.0",
+                      "model.hidden=[64]"]
+    history = []
+    short = train_ensemble(load_config(None, overfit + ["epochs=12"]), train,
+                           on_chunk=lambda epoch, metrics, seconds: history.append(metrics))
+    scores = np.concatenate([m["val_mrrmse"] for m in history], axis=1)
+    running = np.concatenate([m["running"] for m in history], axis=1)
+    # The kept score is the best score seen while the member ran, at the epoch reported.
+    np.testing.assert_allclose(short.member_cv, np.where(running, scores, np.inf).min(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(short.best_epoch, np.where(running, scores, np.inf).argmin(axis=1))
+    stopped = short.stopped_epoch >= 0
+    assert stopped.any()
+    np.testing.assert_array_equal(short.stopped_epoch[stopped], short.best_epoch[stopped] + 2)
+    long = train_ensemble(load_config(None, overfit + ["epochs=20"]), train)
+    for i in np.nonzero(stopped)[0]:  # more epochs change nothing once a member has stopped
+        for a, b in zip(member_leaves(short.state, i), member_leaves(long.state, i)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_stochastic_rounding_is_unbiased_and_brackets_the_value():
+    x = jnp.full((200_000,), 1.0 + 2.0**-10, jnp.float32)  # between two bf16 neighbours 1 and 1+2^-7
+    rounded = np.asarray(stochastic_round_bf16(x, jnp.uint32(7)).astype(jnp.float32), np.float64)
+    assert set(np.unique(rounded)) == {1.0, 1.0 + 2.0**-7}
+    assert rounded.mean() == pytest.approx(1.0 + 2.0**-10, abs=2e-5)
+    nearest = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))
+    assert (nearest == 1.0).all()  # round-to-nearest would lose the increment entirely
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16_state"])
+def test_low_precision_modes_train(precision):
+    train = toy_train()
+    config = load_config(None, BASE + ["ensemble=3", "epochs=20", "epochs_per_chunk=10", "model.hidden=[32]",
+                                       f"precision={precision}"])
+    result = train_ensemble(config, train)
+    assert result.ensemble_cv < 0.9 * result.baseline_cv["zeros"]
+    if precision == "bf16_state":
+        assert {str(x.dtype) for x in jax.tree.leaves(result.state.params)} == {"bfloat16"}
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from toy import toy_train
+from scp_jax.config import load_config
+from scp_jax.engine.trainer import train_ensemble
+assert jax.device_count() == {devices}
+config = load_config(None, {config!r})
+result = train_ensemble(config, toy_train())
+params = jax.tree.leaves(result.state.params)
+print(json.dumps({{"cv": result.member_cv.tolist(), "ensemble": result.ensemble_cv,
+                  "sharded": len(params[0].sharding.device_set),
+                  "kernel": np.asarray(params[0])[:6].ravel().tolist()}}))
+"""
+
+
+def run_on_devices(devices, config):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    script = SHARDED_SCRIPT.format(tests=str(Path(__file__).parent), devices=devices, config=config)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_over_8_devices_equals_one_device():
+    config = BASE + ["ensemble=6", "sweep.dropout=[0.1]"]  # 6 members pad to 8 on 8 devices
+    one, eight = run_on_devices(1, config), run_on_devices(8, config)
+    assert eight["sharded"] == 8
+    np.testing.assert_allclose(eight["cv"], one["cv"], atol=1e-5)
+    np.testing.assert_allclose(eight["kernel"], one["kernel"], atol=1e-5)
+    assert eight["ensemble"] == pytest.approx(one["ensemble"], abs=1e-5)
+
+
+def test_fused_adamw_equals_optax_chain():
+    import optax
+
+    from scp_jax.engine import optim
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w": jax.random.normal(keys[0], (5, 7)), "b": jax.random.normal(keys[1], (7,))}
+    reference = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=1e-3))
+    ref_state, ref_params = reference.init(params), params
+    state, fused = optim.init(params, 1e-2, 1e-3, 0.5), params
+    for i in range(6):
+        grads = jax.tree.map(lambda x: 3 * jax.random.normal(jax.random.fold_in(keys[2], i), x.shape), params)
+        updates, ref_state = reference.update(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        fused, state = optim.step(fused, grads, state)
+        frozen, frozen_state = optim.step(fused, grads, state, active=False)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(fused)))
+        assert int(frozen_state.count) == int(state.count)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
