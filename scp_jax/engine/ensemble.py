@@ -9,6 +9,7 @@ same alone or in an ensemble. Its hyperparameters are arrays in its optimizer st
 so a sweep is one program too.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -68,9 +69,21 @@ def _fold_in(key, *data):
     return key
 
 
-@functools.lru_cache(maxsize=4)
+# Settings that reach the program only as inputs (schedule, member table, hyperparameter values,
+# paths): runs that differ only in these share one Ensemble and its compiled programs.
+_NOT_IN_PROGRAM = ("epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
+                   "checkpoint_every", "checkpoint_keep", "distributed")
+
+
 def compiled_ensemble(config, in_features, n_genes, masks=frozenset()):
-    """One Ensemble (and its compiled programs) per configuration and shape, reused across runs."""
+    """One Ensemble (and its compiled programs) per program-shaping configuration and shape."""
+    defaults = type(config)()
+    key = dataclasses.replace(config, **{name: getattr(defaults, name) for name in _NOT_IN_PROGRAM})
+    return _cached_ensemble(key, in_features, n_genes, masks)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_ensemble(config, in_features, n_genes, masks):
     return Ensemble(config, in_features, n_genes, masks)
 
 
