@@ -12,6 +12,7 @@ A member's `fold` is also its slot in the per-fold feature tables and target SVD
 fold's training rows only); every gather by fold happens on device, inside the vmap.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -72,9 +73,23 @@ def _fold_in(key, *data):
     return key
 
 
-@functools.lru_cache(maxsize=4)
+# Settings that reach the program only as inputs (schedule, member table, hyperparameter values,
+# paths, the CV scheme, which feature sets fill the tables: their width is the `in_features` key):
+# runs that differ only in these share one Ensemble and its compiled programs. `targets` (SVD
+# outputs, loss space) shapes the program and stays in the key.
+_NOT_IN_PROGRAM = ("epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
+                   "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding")
+
+
 def compiled_ensemble(config, in_features, n_genes, masks=frozenset()):
-    """One Ensemble (and its compiled programs) per configuration and shape, reused across runs."""
+    """One Ensemble (and its compiled programs) per program-shaping configuration and shape."""
+    defaults = type(config)()
+    key = dataclasses.replace(config, **{name: getattr(defaults, name) for name in _NOT_IN_PROGRAM})
+    return _cached_ensemble(key, in_features, n_genes, masks)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_ensemble(config, in_features, n_genes, masks):
     return Ensemble(config, in_features, n_genes, masks)
 
 
