@@ -1,13 +1,15 @@
 """Each failure mode of a training run is one line on stderr and exit code 2, not a traceback."""
 
 import collections
+from pathlib import Path
 
 import jax
 import pytest
 
 from scp_jax import train
 
-TINY = ["--ensemble", "2", "--epochs", "2", "--set", "model.hidden=[8]", "--set", "folds=2"]
+CI_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ci.toml")
+TINY = ["--config", CI_CONFIG, "--ensemble", "2", "--epochs", "2", "--set", "model.hidden=[8]", "--set", "folds=2"]
 
 
 def fails(argv, capsys):

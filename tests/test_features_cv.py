@@ -1,6 +1,7 @@
 """Feature sets, per-fold target encodings, SVD targets and CV schemes, on the 64-gene world."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -218,7 +219,9 @@ def test_cli_full_scheme_writes_null_cv_and_the_scheme_per_member(small_world, t
 
     from scp_jax.train import main as train_main
 
-    train_main(["--data", str(small_world / "de_train.parquet"), "--out", str(tmp_path / "run"), "--ensemble", "2",
+    ci_config = str(Path(__file__).resolve().parents[1] / "configs" / "ci.toml")
+    train_main(["--config", ci_config, "--data", str(small_world / "de_train.parquet"), "--out", str(tmp_path / "run"),
+                "--ensemble", "2",
                 "--epochs", "2", "--set", "cv=full", "--set", "model.hidden=[8]", "--set", "checkpoint_every=2"])
     report = json.loads((tmp_path / "run" / "cv.json").read_text())
     assert report["scheme"] == "full" and report["folds"] == 0
