@@ -18,14 +18,12 @@ a plain PyTorch loop and a torch.func vmap ensemble.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp

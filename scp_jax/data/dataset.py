@@ -172,15 +172,20 @@ def _index_into(values, vocabulary):
     return np.fromiter((position[v] for v in values), dtype=np.int32, count=len(values))
 
 
-def load_id_map(path, train: TrainSet) -> Queries:
-    """Read id_map.csv and check every query can be answered from the training vocabularies."""
-    path = Path(path)
+def read_csv(path):
+    """A CSV file as a DataFrame; a missing or unreadable file is a one-line UserError."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        frame = pd.read_csv(path)
+        return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a readable CSV file ({_first_line(err)})") from None
+
+
+def load_id_map(path, train: TrainSet) -> Queries:
+    """Read id_map.csv and check every query can be answered from the training vocabularies."""
+    path = Path(path)
+    frame = read_csv(path)
     for column in ID_MAP_COLUMNS:
         if column not in frame.columns:
             raise UserError(f"{path}: missing required column '{column}'")

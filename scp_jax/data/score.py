@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from scp_jax import metrics
-from scp_jax.data.dataset import load_id_map, load_train, show
+from scp_jax.data.dataset import load_id_map, load_train, read_csv, show
 from scp_jax.errors import UserError
 
 
@@ -24,12 +24,7 @@ def read_answers(path, genes, ids):
 def read_submission(path, ids, genes):
     """Read a submission CSV and return its predictions [ids, genes] in the given order."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a readable CSV file ({str(err).strip().splitlines()[0]})") from None
+    frame = read_csv(path)
     columns, expected = set(frame.columns), set(genes)
     if "id" not in columns:
         raise UserError(f"{path}: missing column 'id'")
