@@ -157,8 +157,9 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     test_predictions = None
     if queries is not None:
         query_index = placement.replicate((queries.cell_index, queries.compound_index))
-        member_predictions = engine.predict_members(state.best_params, specs.fold, data.tables, data.decoder, *query_index)
-        test_predictions = to_host(member_predictions)[votes].mean(0)
+        voters = placement.shard(np.repeat(votes[:, None], len(queries.cell_index), axis=1))
+        test_predictions = to_host(engine.masked_mean_prediction(state.best_params, specs.fold, voters, data.tables,
+                                                                 data.decoder, *query_index))
     validated = np.isin(fold_of_row, members.fold[votes[:n]])
     return TrainResult(
         members=members,
