@@ -33,7 +33,7 @@ from scp_jax.atomic import write_text
 from scp_jax.config import load_config
 from scp_jax.engine.ensemble import Data, Ensemble
 from scp_jax.engine.members import MemberTable
-from scp_jax.engine.trainer import kfold_assignment, member_specs
+from scp_jax.engine.trainer import kfold_assignment, member_specs, steps_per_epoch
 from scp_jax.features.tables import FeatureTables
 
 ACCESSES_PER_STEP, ACCESSES_PER_EPOCH = 11, 4
@@ -89,10 +89,10 @@ def run_ensemble(w, data, members, precision, member_table=None):
     config = config_for(w, members, precision)
     table = member_table or MemberTable.from_config(config)
     fold_of_row = kfold_assignment(w["rows"], config.folds, config.seed)
-    specs, val_masks = member_specs(table, fold_of_row)
+    specs, val_masks = member_specs(config, table, fold_of_row)
     specs = jax.tree.map(jnp.asarray, specs)
     engine = Ensemble(config, data.tables.width, w["genes"])
-    steps = engine.steps_per_epoch(~val_masks)
+    steps = steps_per_epoch(~val_masks, config.batch_size)
     state = engine.init(specs)
     start = time.perf_counter()
     compiled = engine.train_chunk.lower(state, specs, data, w["epochs"], steps).compile()

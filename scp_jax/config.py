@@ -23,15 +23,25 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (64, 64)
+    kind: str = "mlp"  # mlp | resmlp | cnn | gru | lstm | transformer (scp_jax.models)
+    hidden: tuple[int, ...] = (64, 64)  # mlp: layer widths; resmlp: hidden[0] is the width, one block per entry
     activation: str = "relu"
-    dropout: float = 0.0  # after each hidden activation
+    layer_norm: bool = False  # mlp: LayerNorm before each activation
+    dropout: float = 0.0  # after each hidden activation / block
     input_mask: float = 0.0  # fraction of input features zeroed per row and step (1st place: 0.3)
+    tokens: int = 16  # cnn/gru/lstm/transformer: the feature vector is cut into this many tokens
+    width: int = 64  # cnn/gru/lstm/transformer: channels / state size / model width
+    depth: int = 2  # cnn/gru/lstm/transformer: layers
+    heads: int = 4  # transformer
+    kernel_size: int = 3  # cnn
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 1e-3
+    optimizer: str = "adamw"  # adamw | lion
+    schedule: str = "constant"  # constant | cosine | onecycle (over all epochs' steps)
+    warmup: float = 0.0  # cosine: fraction of steps warming up linearly (onecycle always uses 0.3)
+    learning_rate: float = 1e-3  # the peak learning rate
     weight_decay: float = 1e-4
     clip_norm: float = 1.0
 
@@ -40,6 +50,9 @@ class OptimConfig:
 class SweepConfig:
     """Lists of values to cross with every (seed, fold): members are the product."""
 
+    optimizer: tuple[str, ...] = ()
+    schedule: tuple[str, ...] = ()
+    warmup: tuple[float, ...] = ()
     learning_rate: tuple[float, ...] = ()
     weight_decay: tuple[float, ...] = ()
     clip_norm: tuple[float, ...] = ()
@@ -59,8 +72,42 @@ class TargetsConfig:
     loss_space: str = "genes"  # with svd: "genes" (decode, then MSE) or "components"
 
 
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of a loss mix (1st place: mse 0.32, mae 0.24, logcosh 0.24, bce 0.2); see engine/losses.py."""
+
+    mse: float = 1.0
+    mae: float = 0.0
+    logcosh: float = 0.0
+    bce: float = 0.0  # on sigmoid-squashed targets
+    huber: float = 0.0
+    mrrmse: float = 0.0
+    huber_delta: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Two stages (3rd place): stage 1 predicts the id_map rows, stage 2 trains on the training rows
+    plus those rows labelled by the stage-1 members of its own fold (so no validation row leaks in)."""
+
+    enabled: bool = False
+    weight: float = 1.0  # loss weight of a pseudo-labelled row relative to a real one
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregateConfig:
+    """How member predictions combine: mean, median, or weighted (by 1 / member CV score^2)."""
+
+    method: str = "mean"
+    clip_to_train_range: bool = False  # clip each gene to its min/max over the training rows
+
+
 CV_SCHEMES = ("kfold", "b_myeloid", "leave_cell_type_out", "full")
 TE_STATS = ("mean", "std", "median", "q25", "q75")
+MODEL_KINDS = ("mlp", "resmlp", "cnn", "gru", "lstm", "transformer")
+OPTIMIZERS = ("adamw", "lion")
+SCHEDULES = ("constant", "cosine", "onecycle")
+AGGREGATES = ("mean", "median", "weighted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +131,9 @@ class Config:
     sweep: SweepConfig = SweepConfig()
     target_encoding: TargetEncodingConfig = TargetEncodingConfig()
     targets: TargetsConfig = TargetsConfig()
+    loss: LossConfig = LossConfig()
+    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+    aggregate: AggregateConfig = AggregateConfig()
 
     def __post_init__(self):
         positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
@@ -94,13 +144,37 @@ class Config:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
         if self.folds < 2:
             raise UserError(f"config: folds must be >= 2 for cross-validation, got {self.folds}")
+        if self.model.kind not in MODEL_KINDS:
+            raise UserError(f"config: model.kind must be one of {', '.join(MODEL_KINDS)}, got {self.model.kind!r}")
+        model_sizes = {"tokens": self.model.tokens, "width": self.model.width, "depth": self.model.depth,
+                       "heads": self.model.heads, "kernel_size": self.model.kernel_size}
+        for key, value in model_sizes.items():
+            if value < 1:
+                raise UserError(f"config: model.{key} must be >= 1, got {value}")
+        if not self.model.hidden or min(self.model.hidden) < 1:
+            raise UserError(f"config: model.hidden must be a non-empty list of widths >= 1, got {list(self.model.hidden)}")
+        if self.model.kind == "transformer" and self.model.width % self.model.heads:
+            raise UserError(f"config: model.width ({self.model.width}) must be a multiple of model.heads ({self.model.heads})")
+        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            for value in (getattr(self.optim, key), *getattr(self.sweep, key)):
+                if value not in choices:
+                    raise UserError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+        weights = {k: v for k, v in dataclasses.asdict(self.loss).items() if k != "huber_delta"}
+        if min(weights.values()) < 0 or not sum(weights.values()) > 0:
+            raise UserError(f"config: loss weights must be >= 0 with a positive sum, got {weights}")
+        if self.loss.huber_delta <= 0:
+            raise UserError(f"config: loss.huber_delta must be > 0, got {self.loss.huber_delta}")
+        if self.pseudo_labels.weight < 0:
+            raise UserError(f"config: pseudo_labels.weight must be >= 0, got {self.pseudo_labels.weight}")
+        if self.aggregate.method not in AGGREGATES:
+            raise UserError(f"config: aggregate.method must be one of {', '.join(AGGREGATES)}, got {self.aggregate.method!r}")
         if self.model.activation not in ("relu", "gelu"):
             raise UserError(f"config: model.activation must be 'relu' or 'gelu', got {self.model.activation!r}")
         if self.patience < 0:
             raise UserError(f"config: patience must be >= 0, got {self.patience}")
         if self.precision not in PRECISIONS:
             raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for key in ("learning_rate", "weight_decay", "clip_norm", "dropout", "input_mask"):
+        for key in ("learning_rate", "weight_decay", "clip_norm", "dropout", "input_mask", "warmup"):
             section = "optim" if hasattr(self.optim, key) else "model"
             for value in (getattr(getattr(self, section), key), *getattr(self.sweep, key)):
                 _check_hyperparameter(key, value)
@@ -117,7 +191,7 @@ class Config:
 
 
 def _check_hyperparameter(key, value):
-    if key in ("dropout", "input_mask") and not 0 <= value < 1:
+    if key in ("dropout", "input_mask", "warmup") and not 0 <= value < 1:
         raise UserError(f"config: {key} must be in [0, 1), got {value}")
     if key in ("learning_rate", "clip_norm") and value <= 0:
         raise UserError(f"config: {key} must be > 0, got {value}")

@@ -45,10 +45,11 @@ def export_run(run_dir, which="best"):
     arrays = {"params." + name[len(prefix):]: np.asarray(v).astype(np.float32) for name, v in named.items()
               if name.startswith(prefix)}
     arrays.update(tables)
+    model = tomllib.loads(metadata["config_toml"])["model"]
     manifest = {
         "format": FORMAT,
-        "architecture": "mlp",
-        "model": tomllib.loads(metadata["config_toml"])["model"],
+        "architecture": model["kind"],
+        "model": model,
         "params": which,
         "epoch": step,
         "members": metadata["members"],

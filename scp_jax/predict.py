@@ -34,7 +34,10 @@ def load_model(source):
     if path.is_dir():
         from scp_jax.export import export_run
 
-        return Predictor(*export_run(path))
+        try:
+            return Predictor(*export_run(path))
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
     if not path.is_file():
         raise UserError(f"{path}: model not found (a run dir or a model.npz)")
     try:

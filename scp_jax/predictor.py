@@ -30,8 +30,11 @@ class Predictor:
     """An exported ensemble: parameters stacked over members, feature tables, vocabularies, gene range."""
 
     def __init__(self, arrays, manifest):
-        if manifest.get("format") != FORMAT or manifest.get("architecture") != "mlp":
-            raise ValueError(f"not an {FORMAT} MLP export (format {manifest.get('format')!r})")
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"not an {FORMAT} export (format {manifest.get('format')!r})")
+        if manifest.get("architecture") != "mlp" or manifest["model"].get("layer_norm"):
+            raise ValueError(f"the numpy predictor runs plain MLPs; this is a {manifest.get('architecture')!r} model"
+                             " (its run's submission.csv holds the JAX predictions)")
         self.arrays, self.manifest = arrays, manifest
         self.activation = ACTIVATIONS[manifest["model"]["activation"]]
         self.n_layers = len(manifest["model"]["hidden"])

@@ -89,8 +89,8 @@ class ChunkLog:
     last checkpoint, so a resumed run's metrics.jsonl equals an uninterrupted run's.
     """
 
-    def __init__(self, path, config):
-        self.path, self.config, self.fresh = path, config, True
+    def __init__(self, path, config, label=""):
+        self.path, self.config, self.fresh, self.label = path, config, True, label
         self.path.touch()
         self.first = True
 
@@ -109,7 +109,7 @@ class ChunkLog:
         last = last[np.isfinite(last)]  # cv = "full": no validation rows, no score
         val = (f"  val MRRMSE best {last.min():.4f} mean {last.mean():.4f}" if len(last) else "  no validation rows")
         print(
-            f"epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}" + val +
+            f"{self.label}epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}" + val +
             f"  train loss {np.nanmean(metrics['train_loss'][running, -1]):.4f}"
             f"  {metrics['running'].sum() / seconds:8.1f} member-epochs/s" + (" (incl. compile)" if self.first else ""),
             flush=True,
@@ -155,6 +155,7 @@ def main(argv=None):
     from scp_jax.data.dataset import load_id_map, load_train, write_submission
     from scp_jax.engine.checkpoint import Checkpointer
     from scp_jax.engine.trainer import train_ensemble
+    from scp_jax.report import write_report
 
     train_path, id_map_path = resolve_inputs(config)
     train = load_train(train_path)
@@ -167,7 +168,8 @@ def main(argv=None):
     start = time.perf_counter()
     checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume))
     log = ChunkLog(run_dir / "metrics.jsonl", config)
-    result = train_ensemble(config, train, queries, on_chunk=log, checkpointer=checkpointer)
+    stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ") if config.pseudo_labels.enabled else None
+    result = train_ensemble(config, train, queries, on_chunk=log, checkpointer=checkpointer, on_pseudo_chunk=stage1_log)
     report = cv_report(config, result)
     write_text(run_dir / "cv.json", json.dumps(report, indent=2) + "\n")
     write_member_table(run_dir / "members.csv", report["members"])
@@ -176,6 +178,7 @@ def main(argv=None):
             print(f"member {row['member']} diverged (NaN/Inf) at epoch {row['stopped_epoch']}; kept its best epoch")
     if queries is not None:
         write_submission(run_dir / "submission.csv", queries.ids, train.genes, result.test_predictions)
+    write_report(run_dir)
     seconds = time.perf_counter() - start
     if result.ensemble_cv is None:
         print(f"cv {result.folds.scheme}: no validation rows | {seconds:.1f} s -> {run_dir}")

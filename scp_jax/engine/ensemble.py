@@ -14,14 +14,13 @@ fold's training rows only); every gather by fold happens on device, inside the v
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from scp_jax.engine import optim
+from scp_jax.engine.losses import mixed_loss
 from scp_jax.metrics import masked_mrrmse_jax
 from scp_jax.models import build_model
 
@@ -32,11 +31,22 @@ _INIT, _SHUFFLE, _DROPOUT, _ROUNDING = range(4)  # streams folded into a member'
 class Data:
     """Everything on device that all members share (broadcast, not copied, over members)."""
 
-    targets: jnp.ndarray  # [n, genes]
-    cell_index: jnp.ndarray  # [n]
-    compound_index: jnp.ndarray  # [n]
+    targets: jnp.ndarray  # [n, genes] the real training rows
+    cell_index: jnp.ndarray  # [n + q] real rows, then pseudo-labelled rows
+    compound_index: jnp.ndarray  # [n + q]
     tables: "FeatureTables"  # noqa: F821  (scp_jax.features.tables)
     decoder: "TargetSVD | None" = None  # noqa: F821  (scp_jax.features.targets); None: the model predicts genes
+    pseudo_targets: jnp.ndarray | None = None  # [slots, q, genes]: a slot's labels come from that slot's members
+    row_weight: jnp.ndarray | None = None  # [n + q] loss weight of each row; None: all 1
+
+    def row_targets(self, fold, rows):
+        """Targets of rows as fold `fold`'s members see them: pseudo rows (index >= n) take that fold's labels."""
+        n = self.targets.shape[0]
+        real = self.targets[jnp.minimum(rows, n - 1)]
+        if self.pseudo_targets is None:
+            return real
+        pseudo = self.pseudo_targets[fold][jnp.maximum(rows - n, 0)]
+        return jnp.where((rows < n)[..., None], real, pseudo)
 
 
 @struct.dataclass
@@ -54,7 +64,7 @@ class MemberSpec:
 @struct.dataclass
 class MemberState:
     params: nnx.State
-    opt_state: optim.AdamWState
+    opt_state: optim.OptimizerState
     best_params: nnx.State
     best_score: jnp.ndarray  # validation MRRMSE of best_params
     best_epoch: jnp.ndarray
@@ -74,35 +84,39 @@ def _fold_in(key, *data):
 
 
 # Settings that reach the program only as inputs (schedule, member table, hyperparameter values,
-# paths, the CV scheme, which feature sets fill the tables: their width is the `in_features` key):
-# runs that differ only in these share one Ensemble and its compiled programs. `targets` (SVD
-# outputs, loss space) shapes the program and stays in the key.
+# paths, the CV scheme, which feature sets fill the tables: their width is the `in_features` key,
+# pseudo labels: extra rows and weights; the aggregation method is a static argument of its own
+# program): runs that differ only in these share one Ensemble and its compiled programs.
+# `targets` (SVD outputs, loss space), `model` and `loss` shape the program and stay in the key.
 _NOT_IN_PROGRAM = ("epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
-                   "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding")
+                   "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding",
+                   "pseudo_labels", "aggregate")
+OPTIONS = ("dropout", "input_mask", "lion")  # program parts built only when some member uses them
 
 
-def compiled_ensemble(config, in_features, n_genes, masks=frozenset()):
+def compiled_ensemble(config, in_features, n_genes, options=frozenset()):
     """One Ensemble (and its compiled programs) per program-shaping configuration and shape."""
     defaults = type(config)()
     key = dataclasses.replace(config, **{name: getattr(defaults, name) for name in _NOT_IN_PROGRAM})
-    return _cached_ensemble(key, in_features, n_genes, masks)
+    return _cached_ensemble(key, in_features, n_genes, options)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_ensemble(config, in_features, n_genes, masks):
-    return Ensemble(config, in_features, n_genes, masks)
+def _cached_ensemble(config, in_features, n_genes, options):
+    return Ensemble(config, in_features, n_genes, options)
 
 
 class Ensemble:
     """Compiled init / train-chunk / predict functions for one config and data shape."""
 
-    def __init__(self, config, in_features, n_genes, masks=frozenset()):
-        """`masks` names the random masks some member uses ("dropout", "input_mask"): only those
-        are built, since they cost time and compile time."""
+    def __init__(self, config, in_features, n_genes, options=frozenset()):
+        """`options` names the OPTIONS some member uses (random masks, the Lion optimizer): only
+        those are built, since they cost time and compile time."""
         self.config = config
         self.root_key = jax.random.key(config.seed)
         self.n_genes = n_genes
-        self.masks = masks
+        self.options = options
+        self.loss = mixed_loss(config.loss)
         n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
         self._make = lambda key: build_model(config, in_features, n_out, nnx.Rngs(key))
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
@@ -119,7 +133,7 @@ class Ensemble:
 
     def _init_member(self, spec):
         params = nnx.state(self._make(self.member_key(spec, _INIT)), nnx.Param)
-        hparams = {k: spec.hparams[k] for k in ("learning_rate", "weight_decay", "clip_norm")}
+        hparams = {k: spec.hparams[k] for k in optim.HYPERPARAMS}
         opt_state = optim.init(params, **hparams)  # moments take the parameters' dtype
         return MemberState(
             params=params,
@@ -140,9 +154,9 @@ class Ensemble:
         if key is None:
             return model(x)
         mask_key, dropout_key = jax.random.split(key)
-        if "input_mask" in self.masks:
+        if "input_mask" in self.options:
             x = jnp.where(jax.random.uniform(mask_key, x.shape) >= spec.hparams["input_mask"], x, 0.0)
-        if "dropout" in self.masks:
+        if "dropout" in self.options:
             return model(x, dropout_rate=spec.hparams["dropout"], key=dropout_key)
         return model(x)
 
@@ -153,13 +167,14 @@ class Ensemble:
 
     def _loss(self, params, data, rows, weights, spec, key):
         pred = self.outputs(params, data.tables, spec.fold, data.cell_index[rows], data.compound_index[rows], spec, key)
-        target = data.targets[rows]
+        target = data.row_targets(spec.fold, rows)
         if data.decoder is not None and self.config.targets.loss_space == "components":
             target = data.decoder.encode(spec.fold, target)
         elif data.decoder is not None:
             pred = data.decoder.decode(spec.fold, pred)
-        per_row = jnp.mean(jnp.square(pred - target), axis=-1)
-        return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        if data.row_weight is not None:
+            weights = weights * data.row_weight[rows]
+        return jnp.sum(self.loss(pred, target) * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
 
     def _epoch(self, state, spec, data, steps):
         """One epoch of one member: shuffle its training rows, `steps` minibatches, validate."""
@@ -182,7 +197,7 @@ class Ensemble:
             rounding_seed = None
             if self.config.precision == "bf16_state":
                 rounding_seed = jax.random.bits(self.member_key(spec, _ROUNDING, state.epoch, index), (), jnp.uint32)
-            new = optim.step(params, grads, opt_state, active, rounding_seed)
+            new = optim.step(params, grads, opt_state, active, rounding_seed, lion="lion" in self.options)
             return new, loss * jnp.sum(batch_weights)
 
         batches = (jnp.arange(steps), rows, weights)
@@ -223,9 +238,6 @@ class Ensemble:
     def _train_chunk_member(self, state, spec, data, n_epochs, steps):
         return jax.lax.scan(lambda s, _: self._epoch(s, spec, data, steps), state, length=n_epochs)
 
-    def steps_per_epoch(self, train_masks):
-        return math.ceil(int(np.max(np.sum(train_masks, axis=1))) / self.config.batch_size)
-
     @jax.jit(static_argnums=0)
     def predict_members(self, params, folds, tables, decoder, cell_index, compound_index):
         """[members, rows, genes]: every member's gene-space prediction for the rows, each with its own
@@ -233,10 +245,15 @@ class Ensemble:
         member = jax.vmap(self.apply, in_axes=(0, None, None, 0, None, None))
         return member(params, tables, decoder, folds, cell_index, compound_index)
 
-    @jax.jit(static_argnums=0)
-    def masked_mean_prediction(self, params, folds, masks, tables, decoder, cell_index, compound_index):
-        """Per row, the mean prediction of the members whose mask holds that row (NaN if none)."""
+    @jax.jit(static_argnums=(0, 1))
+    def aggregate_prediction(self, method, params, folds, masks, weights, tables, decoder, cell_index, compound_index):
+        """Per row, the members whose mask holds that row combined by `method` (NaN if none): "mean",
+        "median" or "weighted" (mean with the per-member `weights`)."""
         preds = self.predict_members(params, folds, tables, decoder, cell_index, compound_index)
         count = jnp.sum(masks, axis=0)[:, None]
-        total = jnp.einsum("mr,mrg->rg", masks.astype(jnp.float32), preds)
-        return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+        if method == "median":
+            combined = jnp.nanmedian(jnp.where(masks[:, :, None], preds, jnp.nan), axis=0)
+        else:
+            votes = masks * (weights[:, None] if method == "weighted" else 1.0)
+            combined = jnp.einsum("mr,mrg->rg", votes, preds) / jnp.maximum(jnp.sum(votes, axis=0), 1e-12)[:, None]
+        return jnp.where(count > 0, combined, jnp.nan)

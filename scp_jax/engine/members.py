@@ -11,11 +11,19 @@ import itertools
 
 import numpy as np
 
-HYPERPARAMETERS = ("learning_rate", "weight_decay", "clip_norm", "dropout", "input_mask")
+from scp_jax.config import OPTIMIZERS, SCHEDULES
+
+HYPERPARAMETERS = ("optimizer", "schedule", "warmup", "learning_rate", "weight_decay", "clip_norm", "dropout",
+                   "input_mask")
+CATEGORIES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}  # stored as indices into these
 
 
 def _default(config, name):
     return getattr(config.optim, name) if hasattr(config.optim, name) else getattr(config.model, name)
+
+
+def _code(name, value):
+    return CATEGORIES[name].index(value) if name in CATEGORIES else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +46,7 @@ class MemberTable:
         return cls(
             seed=np.array([r[0] for r in rows], np.int32),
             fold=np.array([r[1] for r in rows], np.int32),
-            hparams={name: np.array([r[2][j] for r in rows], np.float32) for j, name in enumerate(HYPERPARAMETERS)},
+            hparams={name: np.array([_code(name, r[2][j]) for r in rows], np.float32) for j, name in enumerate(HYPERPARAMETERS)},
             scheme=config.cv,
         )
 
@@ -47,7 +55,7 @@ class MemberTable:
         """One member, e.g. to retrain a member of an ensemble alone."""
         values = {name: hparams.get(name, _default(config, name)) for name in HYPERPARAMETERS}
         return cls(np.array([seed], np.int32), np.array([fold], np.int32),
-                   {k: np.array([v], np.float32) for k, v in values.items()}, config.cv)
+                   {k: np.array([_code(k, v)], np.float32) for k, v in values.items()}, config.cv)
 
     def __len__(self):
         return len(self.seed)
@@ -60,6 +68,7 @@ class MemberTable:
     def rows(self):
         return [
             {"member": i, "scheme": self.scheme, "seed": int(self.seed[i]), "fold": int(self.fold[i]),
-             **{k: float(f"{v[i]:.7g}") for k, v in self.hparams.items()}}
+             **{k: CATEGORIES[k][int(v[i])] if k in CATEGORIES else float(f"{v[i]:.7g}")
+                for k, v in self.hparams.items()}}
             for i in range(len(self))
         ]

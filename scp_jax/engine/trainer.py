@@ -6,11 +6,14 @@ pull out-of-fold and test predictions.
 
 import contextlib
 import dataclasses
+import functools
+import math
 import time
 
 import jax
 import numpy as np
 
+from scp_jax.config import OPTIMIZERS
 from scp_jax.engine.cv import kfold_assignment, make_folds  # noqa: F401  (kfold_assignment: re-exported)
 from scp_jax.engine.devices import MemberPlacement, to_host
 from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
@@ -43,6 +46,7 @@ class TrainResult:
     baseline_cv: dict | None  # same rows, baselines fitted per fold; None if no row is validated
     test_predictions: np.ndarray | None  # [queries, genes] mean over members
     state: object  # final MemberState (stacked over members, padding included), for checkpoints and export
+    pseudo_targets: np.ndarray | None = None  # [slots, queries, genes] the queries' labels from each slot's stage-1 members
 
 
 def baseline_cv(train, fold_of_row, validated_folds):
@@ -89,21 +93,46 @@ def out_of_memory_hint(config, n_members):
         ) from None
 
 
-def member_specs(members, fold_of_row):
+def steps_per_epoch(train_masks, batch_size):
+    """Minibatches per epoch: enough for the member with the most training rows (fixed shapes for vmap)."""
+    return math.ceil(int(np.max(np.sum(train_masks, axis=1))) / batch_size)
+
+
+def member_specs(config, members, fold_of_row, n_pseudo=0):
     """Specs and [members, n] validation masks; a member validates the rows of its fold (none for the
-    all-rows slot, whose rows are all -1 or another fold)."""
+    all-rows slot, whose rows are all -1 or another fold) and trains on the rest plus `n_pseudo`
+    pseudo-labelled rows. The schedule's length (`total_steps`) joins the member's hyperparameters."""
     val_masks = fold_of_row[None, :] == members.fold[:, None]
     val_rows, val_weight = padded_rows(val_masks)
-    spec = MemberSpec(seed=members.seed, fold=members.fold, train_mask=~val_masks, val_rows=val_rows,
-                      val_weight=val_weight, hparams=members.hparams)
+    train_masks = np.concatenate([~val_masks, np.ones((len(members), n_pseudo), bool)], axis=1)
+    total_steps = steps_per_epoch(train_masks, config.batch_size) * config.epochs
+    hparams = dict(members.hparams, total_steps=np.full(len(members), total_steps, np.float32))
+    spec = MemberSpec(seed=members.seed, fold=members.fold, train_mask=train_masks, val_rows=val_rows,
+                      val_weight=val_weight, hparams=hparams)
     return spec, val_masks
 
 
-def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None, checkpointer=None):
+def slot_ranges(targets, train_masks):
+    """Per slot, each gene's min and max over the slot's training rows: [slots, genes] twice."""
+    return (np.stack([targets[m].min(axis=0) for m in train_masks]),
+            np.stack([targets[m].max(axis=0) for m in train_masks]))
+
+
+def member_weights(config, member_cv):
+    """Aggregation weights: 1 / CV^2 for `weighted` (1 for a member without a score), else 1."""
+    if config.aggregate.method != "weighted":
+        return np.ones(len(member_cv), np.float32)
+    return np.where(np.isfinite(member_cv), 1.0 / np.square(member_cv), 1.0).astype(np.float32)
+
+
+def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None, checkpointer=None,
+                   on_pseudo_chunk=None):
     """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk.
 
     `checkpointer` (engine.checkpoint.Checkpointer) may restore the starting state and epoch and
-    saves after each chunk.
+    saves after each chunk. With `pseudo_labels.enabled`, a first stage (reported to
+    `on_pseudo_chunk`, not checkpointed: a resumed run recomputes it, deterministically) labels the
+    queries for the second, which is the run's result.
     """
     folds = make_folds(config.cv, train, config.folds, config.seed)
     members = members or MemberTable.from_config(config, folds.n_folds)
@@ -111,19 +140,41 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
         raise UserError(f"members ({members.scheme}, folds up to {members.fold.max()}) do not fit"
                         f" cv {folds.scheme!r} with {folds.n_folds} folds")
     placement = placement or MemberPlacement()
+    stage = functools.partial(_train_stage, config, train, folds, members, placement, queries)
+    if not config.pseudo_labels.enabled:
+        return stage(on_chunk=on_chunk, checkpointer=checkpointer)
+    if queries is None:
+        raise UserError("config: pseudo_labels.enabled needs an id map: its rows are what stage 1 labels")
+    labels = stage(on_chunk=on_pseudo_chunk, pseudo_slots=True).pseudo_targets
+    second = stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=labels)
+    return dataclasses.replace(second, pseudo_targets=labels)
+
+
+def _train_stage(config, train, folds, members, placement, queries, on_chunk=None, checkpointer=None,
+                 pseudo_targets=None, pseudo_slots=False):
+    """One ensemble, trained on the training rows (plus the queries, labelled per slot by
+    `pseudo_targets` [slots, q, genes]); `pseudo_slots` also returns each slot's prediction of the queries."""
     # Pad the member axis to fill every device; padding members repeat member 0 and are dropped.
     padded = members.take(np.arange(placement.padded(len(members))) % len(members))
     n = len(members)
     fold_of_row = folds.fold_of_row
-    specs, val_masks = member_specs(padded, fold_of_row)
+    n_pseudo = 0 if pseudo_targets is None else len(queries.cell_index)
+    specs, val_masks = member_specs(config, padded, fold_of_row, n_pseudo)
     train_masks = folds.train_masks()  # [slots, n]: slot k = fold k's training rows, slot K = all rows
     tables = build_tables(config, train, train_masks)
     decoder = target_decoder(config, train.targets, train_masks)
-    data = placement.replicate(Data(train.targets, train.cell_index, train.compound_index, tables, decoder))
+    index = (train.cell_index, train.compound_index)
+    row_weight = None
+    if n_pseudo:
+        index = tuple(np.concatenate([a, b]) for a, b in zip(index, (queries.cell_index, queries.compound_index)))
+        row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
+        row_weight = row_weight.astype(np.float32)
+    data = placement.replicate(Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight))
+    options = frozenset(name for name in ("dropout", "input_mask") if members.hparams[name].any())
+    options |= {"lion"} if (members.hparams["optimizer"] == OPTIMIZERS.index("lion")).any() else set()
+    engine = compiled_ensemble(config, tables.width, train.targets.shape[1], options)
+    steps = steps_per_epoch(specs.train_mask, config.batch_size)
     specs = placement.shard(specs)
-    masks = frozenset(name for name in ("dropout", "input_mask") if members.hparams[name].any())
-    engine = compiled_ensemble(config, tables.width, train.targets.shape[1], masks)
-    steps = engine.steps_per_epoch(~val_masks)
     state = engine.init(specs)
 
     epoch = 0
@@ -152,14 +203,31 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     # Padding members, and members that never kept a best epoch (diverged before a finite score), don't vote.
     votes = np.zeros(len(padded), bool)
     votes[:n] = summary["best_epoch"] >= 0
-    oof = to_host(engine.masked_mean_prediction(state.best_params, specs.fold, placement.shard(val_masks & votes[:, None]),
-                                                data.tables, data.decoder, data.cell_index, data.compound_index))
-    test_predictions = None
+    weights = placement.shard(member_weights(config, np.resize(summary["best_score"], len(padded))))
+    method = config.aggregate.method
+
+    def aggregate(masks, cell_index, compound_index):
+        return to_host(engine.aggregate_prediction(method, state.best_params, specs.fold, placement.shard(masks),
+                                                   weights, data.tables, data.decoder, cell_index, compound_index))
+
+    lo, hi = slot_ranges(train.targets, train_masks)
+    real_index = placement.replicate((train.cell_index, train.compound_index))
+    oof = aggregate(val_masks & votes[:, None], *real_index)
+    if config.aggregate.clip_to_train_range:
+        oof = np.clip(oof, lo[fold_of_row], hi[fold_of_row])  # a row of fold k: fold k's training range
+    test_predictions, slot_predictions = None, None
     if queries is not None:
         query_index = placement.replicate((queries.cell_index, queries.compound_index))
-        voters = placement.shard(np.repeat(votes[:, None], len(queries.cell_index), axis=1))
-        test_predictions = to_host(engine.masked_mean_prediction(state.best_params, specs.fold, voters, data.tables,
-                                                                 data.decoder, *query_index))
+        n_queries = len(queries.cell_index)
+        test_predictions = aggregate(np.repeat(votes[:, None], n_queries, axis=1), *query_index)
+        if config.aggregate.clip_to_train_range:
+            test_predictions = np.clip(test_predictions, lo[-1], hi[-1])  # the last slot trains on all rows
+        if pseudo_slots:
+            slot_predictions = np.zeros((len(train_masks), n_queries, train.targets.shape[1]), np.float32)
+            for slot in np.unique(members.fold):
+                voters = votes & (padded.fold == slot)
+                slot_predictions[slot] = np.nan_to_num(aggregate(np.repeat(voters[:, None], n_queries, axis=1),
+                                                                 *query_index))
     validated = np.isin(fold_of_row, members.fold[votes[:n]])
     return TrainResult(
         members=members,
@@ -172,4 +240,5 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
         baseline_cv=baseline_cv(train, fold_of_row, np.unique(members.fold[votes[:n]])),
         test_predictions=test_predictions,
         state=state,
+        pseudo_targets=slot_predictions,
     )

@@ -1,16 +1,23 @@
-"""Flax NNX models. Each maps one row's features to its gene vector, independently of other rows."""
+"""Flax NNX models. Each maps one row's features to its gene vector (or SVD components),
+independently of the other rows in its batch."""
 
+from scp_jax.models.mlp import MLP, ResMLP
+from scp_jax.models.sequence import CNN, Recurrent, Transformer
 from scp_jax.precision import compute_dtype, param_dtype
-from scp_jax.models.mlp import MLP
+
+
 
 
 def build_model(config, in_features, out_features, rngs):
-    return MLP(
-        in_features,
-        config.model.hidden,
-        out_features,
-        activation=config.model.activation,
-        dtype=compute_dtype(config.precision),
-        param_dtype=param_dtype(config.precision),
-        rngs=rngs,
-    )
+    m = config.model
+    common = dict(dtype=compute_dtype(config.precision), param_dtype=param_dtype(config.precision), rngs=rngs)
+    if m.kind == "mlp":
+        return MLP(in_features, m.hidden, out_features, activation=m.activation, layer_norm=m.layer_norm, **common)
+    if m.kind == "resmlp":
+        return ResMLP(in_features, m.hidden, out_features, activation=m.activation, **common)
+    tokens = dict(tokens=m.tokens, width=m.width, depth=m.depth)
+    if m.kind == "cnn":
+        return CNN(in_features, out_features, kernel_size=m.kernel_size, activation=m.activation, **tokens, **common)
+    if m.kind in ("gru", "lstm"):
+        return Recurrent(in_features, out_features, cell=m.kind, **tokens, **common)
+    return Transformer(in_features, out_features, heads=m.heads, activation=m.activation, **tokens, **common)

@@ -1,0 +1,95 @@
+"""Accuracy of each recipe in configs/ on the synthetic world: CV, hidden truth, baselines, oracle.
+
+Each recipe runs from the CLI exactly as a user would run it (`python -m scp_jax.train --config
+configs/NAME.toml --ensemble N`), on the default synthetic world (18,211 genes), then its
+submission is scored against the world's hidden truth next to the baselines (fitted on all
+training rows) and the Bayes oracle. Writes benchmarks/results/accuracy.{json,md}.
+
+    python benchmarks/accuracy.py                         # every recipe, --ensemble 20
+    python benchmarks/accuracy.py --recipes default --set model.hidden=[256,256] --name try1
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ("default", "first_place", "second_place", "third_place")
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_recipe(recipe, ensemble, overrides, work):
+    """Train one recipe through the CLI; (run dir, wall seconds)."""
+    out = work / recipe
+    command = [sys.executable, "-m", "scp_jax.train", "--config", str(ROOT / "configs" / f"{recipe}.toml"),
+               "--ensemble", str(ensemble), "--out", str(out)]
+    for item in overrides:
+        command += ["--set", item]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{recipe} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return out, seconds
+
+
+def measure(recipe, ensemble, overrides, work):
+    from scp_jax.data.score import score
+    from scp_jax.data.synth import default_world
+
+    run_dir, seconds = run_recipe(recipe, ensemble, overrides, work)
+    cv = json.loads((run_dir / "cv.json").read_text())
+    hidden = score(default_world(), run_dir / "submission.csv")
+    return {"recipe": recipe, "overrides": list(overrides), "members": len(cv["members"]), "scheme": cv["scheme"],
+            "seconds": round(seconds, 1), "cv": cv["ensemble_cv_mrrmse"], "cv_baselines": cv["baselines_cv_mrrmse"],
+            "hidden": hidden["submission"], "hidden_baselines": {k: v for k, v in hidden.items()
+                                                                 if k not in ("submission", "oracle")},
+            "oracle": hidden.get("oracle")}
+
+
+def markdown(rows):
+    """The table the README shows: one line per recipe, then the references."""
+    first = rows[0]
+    best_name = min(first["hidden_baselines"], key=first["hidden_baselines"].get)
+    best, oracle = first["hidden_baselines"][best_name], first["oracle"]
+    lines = ["| recipe | members | CV scheme | CV MRRMSE | hidden MRRMSE | gap closed | wall (2 CPU cores) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        closed = (best - r["hidden"]) / (best - oracle)
+        cv = f"{r['cv']:.4f}" if r["cv"] is not None else "-"
+        lines.append(f"| {r['recipe']} | {r['members']} | {r['scheme']} | {cv} | {r['hidden']:.4f} | {closed:.0%} |"
+                     f" {r['seconds']:.0f} s |")
+    lines += ["", "| reference | CV MRRMSE (" + first["scheme"] + ") | hidden MRRMSE |", "|---|---|---|"]
+    for name, value in sorted(first["hidden_baselines"].items(), key=lambda kv: kv[1]):
+        cv = first["cv_baselines"][name] if first["cv_baselines"] else None
+        lines.append(f"| {name} | {cv:.4f} | {value:.4f} |" if cv is not None else f"| {name} | - | {value:.4f} |")
+    lines.append(f"| Bayes oracle | - | {oracle:.4f} |")
+    lines += ["", f"Gap closed = (best baseline - recipe) / (best baseline - oracle) on the hidden truth; best"
+              f" baseline: {best_name} {best:.4f}, oracle {oracle:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--ensemble", type=int, default=20)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe")
+    parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for recipe in args.recipes.split(","):
+            rows.append(measure(recipe, args.ensemble, args.set, Path(work)))
+            print(json.dumps({k: rows[-1][k] for k in ("recipe", "members", "seconds", "cv", "hidden")}), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Models over one row's feature vector cut into a sequence of tokens (the 1st place's trick).
+
+A row's features [F] are zero-padded to tokens * ceil(F / tokens) and reshaped to [tokens, token
+width]; a CNN, GRU, LSTM or transformer runs along that token axis, never along the batch axis,
+so each row's prediction depends on that row alone (tests permute the batch to check it). The
+token states are flattened into a linear head.
+"""
+
+import math
+import typing
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scp_jax.models.mlp import ACTIVATIONS, maybe_dropout
+
+
+def tokenize(x, tokens):
+    """[..., F] -> [..., tokens, ceil(F / tokens)], zero-padded."""
+    size = math.ceil(x.shape[-1] / tokens)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, tokens * size - x.shape[-1])])
+    return x.reshape(*x.shape[:-1], tokens, size)
+
+
+class _TokenModel(nnx.Module):
+    """Shared frame: tokenize, embed each token, run `self.mix` layers, flatten into the head."""
+
+    def __init__(self, in_features, out_features, *, tokens, width, dense, rngs):
+        self.tokens = tokens
+        self.embed = nnx.Linear(math.ceil(in_features / tokens), width, **dense, rngs=rngs)
+        self.head = nnx.Linear(tokens * width, out_features, **dense, rngs=rngs)
+
+    def __call__(self, x, *, dropout_rate=0.0, key=None):
+        h = self.embed(tokenize(x, self.tokens))
+        for i in range(self.depth):
+            h = maybe_dropout(self.mix(i, h), dropout_rate, key, i)
+        return self.head(h.reshape(*h.shape[:-2], -1)).astype(jnp.float32)
+
+
+class CNN(_TokenModel):
+    """1D convolutions along the tokens (same padding), activation after each."""
+
+    def __init__(self, in_features, out_features, *, tokens=16, width=64, depth=2, kernel_size=3,
+                 activation="relu", dtype=None, param_dtype=jnp.float32, rngs):
+        dense = dict(dtype=dtype, param_dtype=param_dtype)
+        super().__init__(in_features, out_features, tokens=tokens, width=width, dense=dense, rngs=rngs)
+        self.depth = depth
+        self.convs = nnx.List([nnx.Conv(width, width, kernel_size, **dense, rngs=rngs) for _ in range(depth)])
+        self.activation = ACTIVATIONS[activation]
+
+    def mix(self, i, h):
+        return self.activation(self.convs[i](h))
+
+
+class Recurrent(_TokenModel):
+    """Stacked GRU or LSTM layers run along the tokens; every token's state goes to the head."""
+
+    CELLS: typing.ClassVar = {"gru": nnx.GRUCell, "lstm": nnx.OptimizedLSTMCell}
+
+    def __init__(self, in_features, out_features, *, cell="gru", tokens=16, width=64, depth=2, dtype=None,
+                 param_dtype=jnp.float32, rngs):
+        dense = dict(dtype=dtype, param_dtype=param_dtype)
+        super().__init__(in_features, out_features, tokens=tokens, width=width, dense=dense, rngs=rngs)
+        self.depth, self.cell = depth, cell
+        self.cells = nnx.List([self.CELLS[cell](width, width, **dense, rngs=rngs) for _ in range(depth)])
+
+    def mix(self, i, h):
+        cell = self.cells[i]
+        zeros = jnp.zeros(h[..., 0, :].shape, h.dtype)
+        carry = (zeros, zeros) if self.cell == "lstm" else zeros  # LSTM carries (c, h)
+        _, states = jax.lax.scan(lambda c, x_t: cell(c, x_t), carry, jnp.moveaxis(h, -2, 0))
+        return jnp.moveaxis(states, 0, -2)
+
+
+class Transformer(_TokenModel):
+    """Pre-norm encoder blocks; attention runs over the tokens of one row (axis -2), with a learned
+    position embedding, and never across rows."""
+
+    def __init__(self, in_features, out_features, *, tokens=16, width=64, depth=2, heads=4, activation="gelu",
+                 dtype=None, param_dtype=jnp.float32, rngs):
+        dense = dict(dtype=dtype, param_dtype=param_dtype)
+        super().__init__(in_features, out_features, tokens=tokens, width=width, dense=dense, rngs=rngs)
+        self.depth = depth
+        self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (tokens, width), param_dtype))
+        self.attention_norms = nnx.List([nnx.LayerNorm(width, **dense, rngs=rngs) for _ in range(depth)])
+        self.attentions = nnx.List([
+            nnx.MultiHeadAttention(heads, width, **dense, decode=False, keep_rngs=False, rngs=rngs)
+            for _ in range(depth)
+        ])
+        self.mlp_norms = nnx.List([nnx.LayerNorm(width, **dense, rngs=rngs) for _ in range(depth)])
+        self.expand = nnx.List([nnx.Linear(width, 2 * width, **dense, rngs=rngs) for _ in range(depth)])
+        self.project = nnx.List([nnx.Linear(2 * width, width, **dense, rngs=rngs) for _ in range(depth)])
+        self.activation = ACTIVATIONS[activation]
+
+    def mix(self, i, h):
+        if i == 0:
+            h = h + self.position[...].astype(h.dtype)
+        h = h + self.attentions[i](self.attention_norms[i](h), deterministic=True)
+        return h + self.project[i](self.activation(self.expand[i](self.mlp_norms[i](h))))

@@ -1,0 +1,60 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scp_jax.config import load_config
+from scp_jax.engine.losses import LOSSES, mixed_loss
+
+
+def reference(name, pred, target, delta=1.0):
+    """float64 numpy, written from the textbook definitions."""
+    d = pred - target
+    if name == "mse":
+        return np.mean(d**2, axis=-1)
+    if name == "mae":
+        return np.mean(np.abs(d), axis=-1)
+    if name == "logcosh":
+        return np.mean(np.log(np.cosh(d)), axis=-1)
+    if name == "bce":
+        s, p = 1 / (1 + np.exp(-target)), 1 / (1 + np.exp(-pred))
+        return np.mean(-(s * np.log(p) + (1 - s) * np.log(1 - p)), axis=-1)
+    if name == "huber":
+        return np.mean(np.where(np.abs(d) <= delta, 0.5 * d**2, delta * (np.abs(d) - 0.5 * delta)), axis=-1)
+    return np.sqrt(np.mean(d**2, axis=-1))  # mrrmse
+
+
+def heavy_tailed(seed, shape=(6, 50)):
+    rng = np.random.default_rng(seed)
+    return rng.standard_t(3, shape) * 2, rng.standard_t(3, shape) * 2
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_equals_float64_reference(name):
+    pred, target = heavy_tailed(0)
+    got = LOSSES[name](jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32))
+    assert got.shape == (6,)
+    np.testing.assert_allclose(got, reference(name, pred, target), rtol=2e-5, atol=2e-6)
+    grads = jax.grad(lambda p: LOSSES[name](p, jnp.asarray(target, jnp.float32)).sum())(jnp.asarray(pred, jnp.float32))
+    assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_losses_finite_far_from_target_and_bce_minimal_at_target():
+    far = jnp.array([[300.0, -300.0]])
+    for name, loss in LOSSES.items():
+        value, grad = jax.value_and_grad(lambda p, loss=loss: loss(p, jnp.zeros((1, 2))).sum())(far)
+        assert np.isfinite(value) and np.isfinite(np.asarray(grad)).all(), name
+    target = jnp.array([[-2.0, 0.5, 3.0]])
+    grad_at_target = jax.grad(lambda p: LOSSES["bce"](p, target).sum())(target)
+    np.testing.assert_allclose(grad_at_target, 0.0, atol=1e-7)
+
+
+def test_mixed_loss_is_the_weighted_sum_of_references():
+    config = load_config(None, ["loss.mse=0.32", "loss.mae=0.24", "loss.logcosh=0.24", "loss.bce=0.2",
+                                "loss.huber=0.5", "loss.huber_delta=2.0"]).loss
+    pred, target = heavy_tailed(1)
+    got = mixed_loss(config)(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32))
+    want = (0.32 * reference("mse", pred, target) + 0.24 * reference("mae", pred, target)
+            + 0.24 * reference("logcosh", pred, target) + 0.2 * reference("bce", pred, target)
+            + 0.5 * reference("huber", pred, target, delta=2.0))
+    np.testing.assert_allclose(got, want, rtol=2e-5)

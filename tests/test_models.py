@@ -1,0 +1,58 @@
+"""Each model kind: shapes, finite gradients, rows independent of their batch, dropout only in training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scp_jax.config import MODEL_KINDS, load_config
+from scp_jax.models import build_model
+from scp_jax.models.sequence import tokenize
+
+SMALL = ["model.hidden=[12, 12]", "model.tokens=4", "model.width=8", "model.depth=2", "model.heads=2"]
+
+
+def small_model(kind, **extra):
+    config = load_config(None, SMALL + [f"model.kind={kind}"] + [f"model.{k}={v}" for k, v in extra.items()])
+    return build_model(config, 10, 5, nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_rows_are_independent_of_their_batch_and_dropout_needs_a_key(kind):
+    """Permuting the batch permutes the outputs and changes nothing else (no attention across rows);
+    changing the other rows leaves a row's output alone. (Gradients: tests/test_zoo.py trains each kind.)"""
+    model = small_model(kind)
+    x = jax.random.normal(jax.random.key(1), (7, 10))
+    perm = np.array([3, 0, 6, 1, 5, 2, 4])
+    other = x.at[1:].set(jax.random.normal(jax.random.key(2), (6, 10)))
+
+    @nnx.jit
+    def outputs(model):
+        key = jax.random.key(3)
+        return (model(x), model(x[perm]), model(other), model(x, dropout_rate=0.5, key=key),
+                model(x, dropout_rate=0.0, key=key), model(x, dropout_rate=0.5))
+
+    out, permuted, changed, dropped, rate_zero, no_key = outputs(model)
+    assert out.shape == (7, 5) and out.dtype == jnp.float32
+    np.testing.assert_allclose(permuted, out[perm], atol=1e-5)
+    np.testing.assert_allclose(changed[0], out[0], atol=1e-5)
+    assert not np.allclose(dropped, out)
+    np.testing.assert_allclose(rate_zero, out, atol=1e-6)
+    np.testing.assert_array_equal(no_key, out)
+
+
+def test_tokenize_pads_and_keeps_order():
+    x = jnp.arange(10.0)[None]
+    tokens = tokenize(x, 4)
+    assert tokens.shape == (1, 4, 3)
+    np.testing.assert_array_equal(tokens.reshape(-1), np.r_[np.arange(10.0), 0, 0])
+
+
+def test_model_config_errors():
+    from scp_jax.errors import UserError
+
+    with pytest.raises(UserError, match="model.kind"):
+        load_config(None, ["model.kind=rnn"])
+    with pytest.raises(UserError, match="multiple of model.heads"):
+        load_config(None, ["model.kind=transformer", "model.width=10", "model.heads=4"])

@@ -1,0 +1,83 @@
+"""The model zoo, optimizers, schedules, aggregation and pseudo labels inside the vmapped engine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scp_jax.config import MODEL_KINDS, load_config
+from scp_jax.engine.ensemble import compiled_ensemble
+from scp_jax.engine.members import MemberTable
+from scp_jax.engine.trainer import train_ensemble
+from scp_jax.features.tables import build_tables
+from toy import toy_queries, toy_train
+
+BASE = ["batch_size=8", "epochs=4", "epochs_per_chunk=4", "folds=3", "model.hidden=[16]", "model.tokens=4",
+        "model.width=8", "model.depth=1", "model.heads=2"]
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_every_model_kind_trains_as_a_vmapped_ensemble(kind):
+    train = toy_train(n_genes=8)
+    config = load_config(None, BASE + [f"model.kind={kind}", "ensemble=2", "epochs=3", "model.dropout=0.1",
+                                       "loss.mse=0.5", "loss.mae=0.5"])
+    losses = []
+    result = train_ensemble(config, train, on_chunk=lambda e, m, s: losses.append(m["train_loss"]))
+    loss = np.concatenate(losses, axis=1)
+    assert np.isfinite(loss).all() and (loss[:, -1] < loss[:, 0]).all()
+    assert np.isfinite(result.member_cv).all() and np.isfinite(result.ensemble_cv)
+
+
+def member_predictions(config, train, result, queries):
+    tables = build_tables(config, train, result.folds.train_masks())
+    engine = compiled_ensemble(config, tables.width, train.targets.shape[1])
+    return engine, tables, np.asarray(engine.predict_members(result.state.best_params, jnp.asarray(result.members.fold),
+                                                             tables, None, queries.cell_index, queries.compound_index))
+
+
+def test_median_weighted_and_clipped_aggregation_match_numpy():
+    train, queries = toy_train(), toy_queries(toy_train())
+    config = load_config(None, BASE + ["ensemble=6", "aggregate.method=median"])
+    result = train_ensemble(config, train, queries)
+    engine, tables, preds = member_predictions(config, train, result, queries)
+    np.testing.assert_allclose(result.test_predictions, np.median(preds, axis=0), atol=1e-5)
+
+    weights = 1.0 / result.member_cv**2
+    masks = np.ones((6, len(queries.cell_index)), bool)
+    masks[:, 0] = False  # a row no member votes for is NaN
+    masks[2:, 1] = False  # a row only members 0 and 1 vote for
+    args = (result.state.best_params, jnp.asarray(result.members.fold), masks, jnp.asarray(weights, jnp.float32), tables,
+            None, queries.cell_index, queries.compound_index)
+    for method, want in (("mean", preds.mean(axis=0)), ("weighted", np.average(preds, axis=0, weights=weights)),
+                         ("median", np.median(preds, axis=0))):
+        got = np.asarray(engine.aggregate_prediction(method, *args))
+        assert np.isnan(got[0]).all()
+        np.testing.assert_allclose(got[2:], want[2:], atol=1e-5, err_msg=method)
+    np.testing.assert_allclose(engine.aggregate_prediction("median", *args)[1], preds[:2, 1].mean(axis=0), atol=1e-5)
+
+    clipped = train_ensemble(load_config(None, BASE + ["ensemble=6", "aggregate.clip_to_train_range=true",
+                                                       "aggregate.method=median"]), train, queries)
+    lo, hi = train.targets.min(axis=0), train.targets.max(axis=0)
+    np.testing.assert_allclose(clipped.test_predictions, np.clip(result.test_predictions, lo, hi), atol=1e-6)
+
+
+def test_pseudo_labels_of_a_fold_come_from_that_folds_members_only():
+    """Stage 1's labels for slot k are the prediction of fold k's members, which never saw fold k's rows;
+    stage 2 trains on them and gives a different ensemble."""
+    train, queries = toy_train(), toy_queries(toy_train(), n=16)
+    config = load_config(None, BASE + ["ensemble=6", "pseudo_labels.enabled=true", "pseudo_labels.weight=0.5"])
+    stage1_chunks = []
+    result = train_ensemble(config, train, queries, on_pseudo_chunk=lambda *a: stage1_chunks.append(a))
+    assert stage1_chunks and result.pseudo_targets.shape == (4, 16, train.targets.shape[1])
+    plain = load_config(None, BASE + ["ensemble=6"])
+    for fold in range(3):
+        members = MemberTable.from_config(plain, 3)
+        only_fold = train_ensemble(plain, train, queries, members=members.take(np.flatnonzero(members.fold == fold)))
+        np.testing.assert_allclose(result.pseudo_targets[fold], only_fold.test_predictions, atol=1e-5)
+    np.testing.assert_array_equal(result.pseudo_targets[3], 0.0)  # the all-rows slot has no member here
+    first_stage = train_ensemble(plain, train, queries)
+    assert not np.allclose(result.test_predictions, first_stage.test_predictions, atol=1e-3)
