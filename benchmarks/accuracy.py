@@ -3,14 +3,17 @@
 Each recipe runs from the CLI exactly as a user would run it (`python -m scp_jax.train --config
 configs/NAME.toml --ensemble N`), on the default synthetic world (18,211 genes), then its
 submission is scored against the world's hidden truth next to the baselines (fitted on all
-training rows) and the Bayes oracle. Writes benchmarks/results/accuracy.{json,md}.
+training rows) and the Bayes oracle. Writes benchmarks/results/accuracy.{json,md} and each run's
+report.png as accuracy-RECIPE-report.png.
 
     python benchmarks/accuracy.py                         # every recipe, --ensemble 20
+    python benchmarks/accuracy.py --recipes default --update            # rerun one recipe, keep the others
     python benchmarks/accuracy.py --recipes default --set model.hidden=[256,256] --name try1
 """
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,13 +40,14 @@ def run_recipe(recipe, ensemble, overrides, work):
     return out, seconds
 
 
-def measure(recipe, ensemble, overrides, work):
+def measure(recipe, ensemble, overrides, work, report_png):
     from scp_jax.data.score import score
     from scp_jax.data.synth import default_world
 
     run_dir, seconds = run_recipe(recipe, ensemble, overrides, work)
     cv = json.loads((run_dir / "cv.json").read_text())
     hidden = score(default_world(), run_dir / "submission.csv")
+    shutil.copyfile(run_dir / "report.png", report_png)
     return {"recipe": recipe, "overrides": list(overrides), "members": len(cv["members"]), "scheme": cv["scheme"],
             "seconds": round(seconds, 1), "cv": cv["ensemble_cv_mrrmse"], "cv_baselines": cv["baselines_cv_mrrmse"],
             "hidden": hidden["submission"], "hidden_baselines": {k: v for k, v in hidden.items()
@@ -79,12 +83,18 @@ def main(argv=None):
     parser.add_argument("--ensemble", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe")
     parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")
+    parser.add_argument("--update", action="store_true", help="keep the other recipes' rows of NAME.json")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for recipe in args.recipes.split(","):
-            rows.append(measure(recipe, args.ensemble, args.set, Path(work)))
+            report_png = RESULTS / f"{args.name}-{recipe}-report.png"
+            rows.append(measure(recipe, args.ensemble, args.set, Path(work), report_png))
             print(json.dumps({k: rows[-1][k] for k in ("recipe", "members", "seconds", "cv", "hidden")}), flush=True)
+    if args.update and (RESULTS / f"{args.name}.json").is_file():
+        fresh = {r["recipe"]: r for r in rows}
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        rows = [fresh.pop(r["recipe"], r) for r in old] + list(fresh.values())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(rows))

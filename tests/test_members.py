@@ -34,8 +34,9 @@ def test_sweep_is_the_product_of_members_and_values():
 
 
 def test_sweep_member_equals_that_member_alone_with_its_hyperparameters():
-    """Learning rate, dropout, input masking, optimizer (AdamW or Lion) and a one-cycle schedule per
-    member; an AdamW member alone compiles no Lion branch and still trains the same."""
+    """A member of a vmapped sweep == the same member trained alone. Learning rate, dropout, input
+    masking, optimizer (AdamW or Lion) and a one-cycle schedule per member; an AdamW member alone
+    compiles no Lion branch and still trains the same."""
     train = toy_train()
     config = load_config(None, BASE + ["ensemble=2", "sweep.optimizer=['adamw', 'lion']", "optim.schedule=onecycle",
                                        "sweep.learning_rate=[3e-3, 1e-2]", "sweep.dropout=[0.0, 0.3]",
@@ -82,6 +83,11 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_updating():
     stopped = short.stopped_epoch >= 0
     assert stopped.any()
     np.testing.assert_array_equal(short.stopped_epoch[stopped], short.best_epoch[stopped] + 2)
+    # Best-epoch parameters are a real copy: a stopped member's last parameters moved on from them.
+    for i in np.nonzero(stopped)[0]:
+        best, last = (np.asarray(x)[i] for x in (short.state.best_params["head"]["kernel"][...],
+                                                  short.state.params["head"]["kernel"][...]))
+        assert not np.allclose(best, last)
     long = train_ensemble(load_config(None, overfit + ["epochs=20"]), train)
     for i in np.nonzero(stopped)[0]:  # more epochs change nothing once a member has stopped
         for a, b in zip(member_leaves(short.state, i), member_leaves(long.state, i)):

@@ -31,8 +31,11 @@ class _TokenModel(nnx.Module):
         self.embed = nnx.Linear(math.ceil(in_features / tokens), width, **dense, rngs=rngs)
         self.head = nnx.Linear(tokens * width, out_features, **dense, rngs=rngs)
 
+    def embed_tokens(self, x):
+        return self.embed(tokenize(x, self.tokens))
+
     def __call__(self, x, *, dropout_rate=0.0, key=None):
-        h = self.embed(tokenize(x, self.tokens))
+        h = self.embed_tokens(x)
         for i in range(self.depth):
             h = maybe_dropout(self.mix(i, h), dropout_rate, key, i)
         return self.head(h.reshape(*h.shape[:-2], -1)).astype(jnp.float32)
@@ -93,8 +96,10 @@ class Transformer(_TokenModel):
         self.project = nnx.List([nnx.Linear(2 * width, width, **dense, rngs=rngs) for _ in range(depth)])
         self.activation = ACTIVATIONS[activation]
 
+    def embed_tokens(self, x):
+        h = super().embed_tokens(x)
+        return h + self.position[...].astype(h.dtype)
+
     def mix(self, i, h):
-        if i == 0:
-            h = h + self.position[...].astype(h.dtype)
         h = h + self.attentions[i](self.attention_norms[i](h), deterministic=True)
         return h + self.project[i](self.activation(self.expand[i](self.mlp_norms[i](h))))
