@@ -56,3 +56,11 @@ def test_model_config_errors():
         load_config(None, ["model.kind=rnn"])
     with pytest.raises(UserError, match="multiple of model.heads"):
         load_config(None, ["model.kind=transformer", "model.width=10", "model.heads=4"])
+
+
+def test_numpy_predictor_refuses_what_it_cannot_run():
+    from scp_jax.predictor import FORMAT, Predictor
+
+    for architecture, model in (("transformer", {}), ("mlp", {"layer_norm": True})):
+        with pytest.raises(ValueError, match="runs plain MLPs"):
+            Predictor({}, {"format": FORMAT, "architecture": architecture, "model": model})
