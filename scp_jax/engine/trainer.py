@@ -150,6 +150,27 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     return dataclasses.replace(second, pseudo_targets=labels)
 
 
+def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_chunk, checkpointer):
+    """The host loop: compiled chunks of epochs from `epoch` on, metrics and checkpoints between them."""
+    # A run restored after every member stopped (early stopping) has nothing left to train.
+    for end in chunk_ends(config, epoch) if (to_host(state.stopped_at)[:n_members] < 0).any() else ():
+        start = time.perf_counter()
+        with out_of_memory_hint(config, n_members):
+            state, metrics = engine.train_chunk(state, specs, data, end - epoch, steps)
+            metrics = {k: v[:n_members] for k, v in to_host(metrics).items()}  # blocks until the chunk is done
+        epoch = end
+        if on_chunk is not None:
+            on_chunk(epoch, metrics, time.perf_counter() - start)
+        stopping = not metrics["running"][:, -1].any()
+        if checkpointer is not None:
+            checkpointer.save(epoch, state, metrics, last=end == config.epochs or stopping)
+        if stopping:
+            break  # every member stopped: nothing left to compute
+    if checkpointer is not None:
+        checkpointer.close()
+    return state
+
+
 def _train_stage(config, train, folds, members, placement, queries, on_chunk=None, checkpointer=None,
                  pseudo_targets=None, pseudo_slots=False):
     """One ensemble, trained on the training rows (plus the queries, labelled per slot by
@@ -180,22 +201,7 @@ def _train_stage(config, train, folds, members, placement, queries, on_chunk=Non
     epoch = 0
     if checkpointer is not None:
         state, epoch = checkpointer.restore(state, members, tables, decoder)
-    # A run restored after every member stopped (early stopping) has nothing left to train.
-    for end in chunk_ends(config, epoch) if (to_host(state.stopped_at)[:n] < 0).any() else ():
-        start = time.perf_counter()
-        with out_of_memory_hint(config, n):
-            state, metrics = engine.train_chunk(state, specs, data, end - epoch, steps)
-            metrics = {k: v[:n] for k, v in to_host(metrics).items()}  # blocks until the chunk is done
-        epoch = end
-        if on_chunk is not None:
-            on_chunk(epoch, metrics, time.perf_counter() - start)
-        stopping = not metrics["running"][:, -1].any()
-        if checkpointer is not None:
-            checkpointer.save(epoch, state, metrics, last=end == config.epochs or stopping)
-        if stopping:
-            break  # every member stopped: nothing left to compute
-    if checkpointer is not None:
-        checkpointer.close()
+    state = _run_chunks(config, engine, state, epoch, specs, data, steps, n, on_chunk, checkpointer)
 
     summary = to_host({"best_score": state.best_score, "best_epoch": state.best_epoch, "stopped_at": state.stopped_at,
                        "diverged": state.diverged})
