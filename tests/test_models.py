@@ -21,19 +21,26 @@ def small_model(kind, **extra):
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_rows_are_independent_of_their_batch_and_dropout_needs_a_key(kind):
     """Permuting the batch permutes the outputs and changes nothing else (no attention across rows);
-    changing the other rows leaves a row's output alone. (Gradients: tests/test_zoo.py trains each kind.)"""
+    changing the other rows leaves a row's output alone; gradients reach every layer and are finite."""
     model = small_model(kind)
     x = jax.random.normal(jax.random.key(1), (7, 10))
     perm = np.array([3, 0, 6, 1, 5, 2, 4])
     other = x.at[1:].set(jax.random.normal(jax.random.key(2), (6, 10)))
 
-    @nnx.jit
-    def outputs(model):
-        key = jax.random.key(3)
-        return (model(x), model(x[perm]), model(other), model(x, dropout_rate=0.5, key=key),
-                model(x, dropout_rate=0.0, key=key), model(x, dropout_rate=0.5))
+    graphdef, params = nnx.split(model, nnx.Param)
 
-    out, permuted, changed, dropped, rate_zero, no_key = outputs(model)
+    @jax.jit
+    def outputs(params):
+        model = nnx.merge(graphdef, params)
+        key = jax.random.key(3)
+        grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, dropout_rate=0.1, key=key) ** 2))(params)
+        return (model(x), model(x[perm]), model(other), model(x, dropout_rate=0.5, key=key),
+                model(x, dropout_rate=0.0, key=key), model(x, dropout_rate=0.5), grads)
+
+    out, permuted, changed, dropped, rate_zero, no_key, grads = outputs(params)
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) >= len(leaves) - 1  # at most one dead leaf
     assert out.shape == (7, 5) and out.dtype == jnp.float32
     np.testing.assert_allclose(permuted, out[perm], atol=1e-5)
     np.testing.assert_allclose(changed[0], out[0], atol=1e-5)
