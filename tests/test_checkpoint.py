@@ -20,8 +20,6 @@ import pytest
 from scp_jax.data.synth import make_world
 from scp_jax.engine.checkpoint import STALL_ENV, latest_step, restore_items
 
-pytestmark = pytest.mark.xdist_group("checkpoint")  # one worker: the module fixtures run once
-
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--config", ROOT / "configs" / "ci.toml", "--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
        "--set", "model.hidden=[16]", "--set", "model.activation='gelu'"]

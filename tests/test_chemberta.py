@@ -6,8 +6,6 @@ import pytest
 from scp_jax.errors import UserError
 from scp_jax.features import chemberta
 
-pytestmark = pytest.mark.xdist_group("chemberta")  # one worker: the module fixtures run once
-
 SMILES = ["CCO", "c1ccccc1", "CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "O"]
 
 # Sizes of the published ChemBERTa checkpoints' config.json files.
