@@ -91,7 +91,6 @@ def _fold_in(key, *data):
 _NOT_IN_PROGRAM = ("epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
                    "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding",
                    "pseudo_labels", "aggregate")
-OPTIONS = ("dropout", "input_mask", "lion")  # program parts built only when some member uses them
 
 
 def compiled_ensemble(config, in_features, n_genes, options=frozenset()):
@@ -110,8 +109,8 @@ class Ensemble:
     """Compiled init / train-chunk / predict functions for one config and data shape."""
 
     def __init__(self, config, in_features, n_genes, options=frozenset()):
-        """`options` names the OPTIONS some member uses (random masks, the Lion optimizer): only
-        those are built, since they cost time and compile time."""
+        """`options` (MemberTable.program_options) names the random masks and optimizers some member
+        uses: only those are built, since they cost time and compile time."""
         self.config = config
         self.root_key = jax.random.key(config.seed)
         self.n_genes = n_genes

@@ -57,6 +57,13 @@ class MemberTable:
         return cls(np.array([seed], np.int32), np.array([fold], np.int32),
                    {k: np.array([_code(k, v)], np.float32) for k, v in values.items()}, config.cv)
 
+    def program_options(self):
+        """The optional program parts some member needs: "dropout", "input_mask", "lion"."""
+        used = {name for name in ("dropout", "input_mask") if self.hparams[name].any()}
+        if (self.hparams["optimizer"] == OPTIMIZERS.index("lion")).any():
+            used.add("lion")
+        return frozenset(used)
+
     def __len__(self):
         return len(self.seed)
 

@@ -13,7 +13,6 @@ import time
 import jax
 import numpy as np
 
-from scp_jax.config import OPTIMIZERS
 from scp_jax.engine.cv import kfold_assignment, make_folds  # noqa: F401  (kfold_assignment: re-exported)
 from scp_jax.engine.devices import MemberPlacement, to_host
 from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
@@ -191,9 +190,7 @@ def _train_stage(config, train, folds, members, placement, queries, on_chunk=Non
         row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
         row_weight = row_weight.astype(np.float32)
     data = placement.replicate(Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight))
-    options = frozenset(name for name in ("dropout", "input_mask") if members.hparams[name].any())
-    options |= {"lion"} if (members.hparams["optimizer"] == OPTIMIZERS.index("lion")).any() else set()
-    engine = compiled_ensemble(config, tables.width, train.targets.shape[1], options)
+    engine = compiled_ensemble(config, tables.width, train.targets.shape[1], members.program_options())
     steps = steps_per_epoch(specs.train_mask, config.batch_size)
     specs = placement.shard(specs)
     state = engine.init(specs)
@@ -216,17 +213,18 @@ def _train_stage(config, train, folds, members, placement, queries, on_chunk=Non
         return to_host(engine.aggregate_prediction(method, state.best_params, specs.fold, placement.shard(masks),
                                                    weights, data.tables, data.decoder, cell_index, compound_index))
 
-    lo, hi = slot_ranges(train.targets, train_masks)
+    clip = config.aggregate.clip_to_train_range
+    lo, hi = slot_ranges(train.targets, train_masks) if clip else (None, None)
     real_index = placement.replicate((train.cell_index, train.compound_index))
     oof = aggregate(val_masks & votes[:, None], *real_index)
-    if config.aggregate.clip_to_train_range:
+    if clip:
         oof = np.clip(oof, lo[fold_of_row], hi[fold_of_row])  # a row of fold k: fold k's training range
     test_predictions, slot_predictions = None, None
     if queries is not None:
         query_index = placement.replicate((queries.cell_index, queries.compound_index))
         n_queries = len(queries.cell_index)
         test_predictions = aggregate(np.repeat(votes[:, None], n_queries, axis=1), *query_index)
-        if config.aggregate.clip_to_train_range:
+        if clip:
             test_predictions = np.clip(test_predictions, lo[-1], hi[-1])  # the last slot trains on all rows
         if pseudo_slots:
             slot_predictions = np.zeros((len(train_masks), n_queries, train.targets.shape[1]), np.float32)
