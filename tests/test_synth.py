@@ -10,11 +10,12 @@ from rdkit import Chem
 
 from scp_jax.data import default_world, load_id_map, load_train, make_world
 from scp_jax.data.__main__ import main
-from scp_jax.data.synth import expected_signed_log10_p, signed_log10_p
+from scp_jax.data.synth import Params, _cell_counts, _effect_oracle, expected_signed_log10_p, signed_log10_p
 
 TRAIN_ROWS = {"NK cells": 146, "T cells CD4+": 146, "T regulatory cells": 146, "T cells CD8+": 142,
               "B cells": 17, "Myeloid cells": 17}
-WORLD_FILES = ("de_train.parquet", "id_map.csv", "hidden/truth.parquet", "hidden/oracle.parquet", "world.json")
+WORLD_FILES = ("de_train.parquet", "id_map.csv", "hidden/truth.parquet", "hidden/oracle.parquet",
+               "hidden/effect_oracle.parquet", "world.json")
 
 
 def test_layout_matches_the_real_task(small_world):
@@ -52,6 +53,18 @@ def test_oracle_expectation_matches_monte_carlo():
     np.testing.assert_allclose(expected_signed_log10_p(means, 1.4), draws.mean(0), atol=0.02)
 
 
+def test_effect_oracle_matches_monte_carlo_over_cell_counts():
+    """E[y | effect] over the cell count and quality distribution, against draws of the generator's own sampler."""
+    effects = np.array([[-3.0, -0.5, 0.0, 0.4, 1.5, 6.0]])
+    frame = pd.DataFrame({"cell_type": ["B cells"], "sm_name": ["c"]})
+    layout = type("Layout", (), {"compounds": pd.DataFrame({"sm_name": ["c"]})})
+    expected = _effect_oracle(Params(), lambda cells, compounds: effects, frame, layout)
+    rng = np.random.default_rng(0)
+    cells, scale = _cell_counts(rng, Params(), ["B cells"] * 100_000)
+    t = effects * np.sqrt(cells / 100.0)[:, None] + scale[:, None] * rng.standard_normal((len(cells), 1))
+    np.testing.assert_allclose(expected[0], signed_log10_p(t).mean(0), rtol=0.015, atol=0.03)  # 16 quantiles a quality
+
+
 def test_score_orders_oracle_zeros_and_nonsense(small_world, tmp_path, capsys):
     truth = pd.read_parquet(small_world / "hidden" / "truth.parquet")
     oracle = pd.read_parquet(small_world / "hidden" / "oracle.parquet")
@@ -64,7 +77,7 @@ def test_score_orders_oracle_zeros_and_nonsense(small_world, tmp_path, capsys):
     assert summary.startswith("score: submission=")
     threes = float(summary.split("submission=")[1].split()[0])
     assert oracle_scores["submission"] == pytest.approx(oracle_scores["oracle"])
-    assert oracle_scores["oracle"] < oracle_scores["zeros"] < threes
+    assert oracle_scores["oracle"] < oracle_scores["effect_oracle"] < oracle_scores["zeros"] < threes
 
 
 def test_score_rejects_submission_missing_an_id(small_world, tmp_path, capsys):

@@ -64,16 +64,17 @@ def read_submission(path, ids, genes):
 
 
 def score(world_dir, submission_path):
-    """MRRMSE of the submission, the oracle (when the world has one) and the baselines fitted on de_train."""
+    """MRRMSE of the submission, the oracles (when the world has them) and the baselines fitted on de_train."""
     world = Path(world_dir)
     train = load_train(world / "de_train.parquet")
     queries = load_id_map(world / "id_map.csv", train)
     predictions = read_submission(submission_path, queries.ids, train.genes)
     truth = read_answers(world / "hidden" / "truth.parquet", train.genes, queries.ids)
     scores = {"submission": metrics.mrrmse(truth, predictions)}
-    if (world / "hidden" / "oracle.parquet").is_file():
-        oracle = read_answers(world / "hidden" / "oracle.parquet", train.genes, queries.ids)
-        scores["oracle"] = metrics.mrrmse(truth, oracle)
+    for oracle in ("oracle", "effect_oracle"):
+        if (world / "hidden" / f"{oracle}.parquet").is_file():
+            answers = read_answers(world / "hidden" / f"{oracle}.parquet", train.genes, queries.ids)
+            scores[oracle] = metrics.mrrmse(truth, answers)
     baselines = metrics.fit_baselines(
         train.targets, train.cell_index, train.compound_index, np.ones(len(train.targets), bool),
         queries.cell_index, queries.compound_index,

@@ -16,7 +16,10 @@ pseudo-bulk size (about a third of rows are poor quality: few cells and overdisp
 The squared t makes y heavy-tailed, as in the real limma statistics.
 
 The oracle is E[y | t's mean, s]: a one-dimensional expectation over the normal noise, tabulated
-with Gauss-Hermite quadrature on a fine grid and linearly interpolated (error below 1e-4).
+with Gauss-Hermite quadrature on a fine grid and linearly interpolated (error below 1e-4). It knows
+each query row's cell count and quality, which no model can: the effect oracle, E[y | e] averaged
+over the query cell type's distribution of cell counts and quality, is the best any model that
+learned every effect e exactly could do, and so the reachable floor.
 """
 
 import dataclasses
@@ -35,7 +38,7 @@ from scipy import special
 from scp_jax.atomic import atomic_path, write_text
 from scp_jax.errors import UserError
 
-VERSION = 2  # bump whenever generated numbers change: cached default worlds are rebuilt
+VERSION = 3  # bump whenever generated numbers change: cached default worlds are rebuilt
 CELL_TYPES = ("NK cells", "T cells CD4+", "T cells CD8+", "T regulatory cells", "B cells", "Myeloid cells")
 HELD_OUT_CELLS = ("B cells", "Myeloid cells")
 N_COMPOUNDS = 146
@@ -225,6 +228,32 @@ def expected_signed_log10_p(mean, scale):
     return np.sign(mean) * np.interp(np.abs(mean), grid, table)  # odd in the mean
 
 
+def _cell_count_quantiles(params, cell_type, per_quality=16):
+    """(cells, scale, probability) at stratified quantiles of `_cell_counts`'s distribution for one cell type."""
+    from scipy import stats
+
+    lognormal = np.exp(0.4 * stats.norm.ppf((np.arange(per_quality) + 0.5) / per_quality))
+    base = dict(params.median_cells)[cell_type]
+    out = []
+    for poor, probability in ((False, 1 - params.poor_fraction), (True, params.poor_fraction)):
+        factor, scale = (params.poor_cells_factor, params.poor_overdispersion) if poor else (1.0, 1.0)
+        out += [(max(3.0, np.round(base * factor * q)), scale, probability / per_quality) for q in lognormal]
+    return out
+
+
+def _effect_oracle(params, effect, frame, layout):
+    """Per row, E[y | the row's effect e] over its cell type's cell counts and quality (see the module doc)."""
+    cell_rows = np.array([CELL_TYPES.index(c) for c in frame.cell_type])
+    compound_rows = pd.Index(layout.compounds.sm_name).get_indexer(frame.sm_name)
+    e = effect(cell_rows, compound_rows)
+    out = np.zeros(e.shape)
+    for cell in np.unique(frame.cell_type):
+        rows = (frame.cell_type == cell).to_numpy()
+        for cells, scale, probability in _cell_count_quantiles(params, cell):
+            out[rows] += probability * expected_signed_log10_p(e[rows] * np.sqrt(cells / 100.0), scale)
+    return out.astype(np.float32)
+
+
 def _cell_counts(rng, params, cell_types):
     """Pseudo-bulk cell counts and noise scales; about a third of rows are poor quality."""
     median = dict(params.median_cells)
@@ -300,7 +329,7 @@ def _write_parquet(path, columns, genes, values):
 
 
 def make_world(out_dir, *, genes=18211, seed=0, reference=None, params=None) -> Path:
-    """Write de_train.parquet, id_map.csv, hidden/{truth,oracle}.parquet and world.json to out_dir."""
+    """Write de_train.parquet, id_map.csv, hidden/{truth,oracle,effect_oracle}.parquet and world.json to out_dir."""
     if genes < 1:
         raise UserError(f"--genes must be positive, got {genes}")
     if seed < 0:
@@ -327,6 +356,8 @@ def make_world(out_dir, *, genes=18211, seed=0, reference=None, params=None) -> 
     ids = {"id": layout.queries.id.to_numpy()}
     _write_parquet(out_dir / "hidden" / "truth.parquet", ids, layout.genes, truth)
     _write_parquet(out_dir / "hidden" / "oracle.parquet", ids, layout.genes, _oracle(query_mean, query_scale))
+    effect_oracle = _effect_oracle(params, effect, layout.queries, layout)
+    _write_parquet(out_dir / "hidden" / "effect_oracle.parquet", ids, layout.genes, effect_oracle)
     world = {
         "version": VERSION,
         "seed": seed,
@@ -339,6 +370,7 @@ def make_world(out_dir, *, genes=18211, seed=0, reference=None, params=None) -> 
             "compounds": len(layout.compounds),
         },
         "oracle": "E[y | t mean, noise scale] by 160-node Gauss-Hermite, tabulated every 0.005, interpolated",
+        "effect_oracle": "E[y | effect], averaged over 32 stratified quantiles of the cell type's cell counts",
     }
     write_text(out_dir / "world.json", json.dumps(world, indent=2) + "\n")
     return out_dir
