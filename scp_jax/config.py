@@ -70,6 +70,7 @@ class TargetEncodingConfig:
 class TargetsConfig:
     svd: int = 0  # 0: the model predicts genes; k: it predicts the fold's top-k target components
     loss_space: str = "genes"  # with svd: "genes" (decode, then MSE) or "components"
+    transform: str = "none"  # "t_statistic": fit the t-statistics behind the targets (scp_jax/data/pvalues.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,7 @@ MODEL_KINDS = ("mlp", "resmlp", "cnn", "gru", "lstm", "transformer")
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AGGREGATES = ("mean", "median", "weighted")
+TARGET_TRANSFORMS = ("none", "t_statistic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +190,9 @@ class Config:
                 raise UserError(f"config: {key} must be >= 0 (0 = no SVD), got {value}")
         if self.targets.loss_space not in ("genes", "components"):
             raise UserError(f"config: targets.loss_space must be 'genes' or 'components', got {self.targets.loss_space!r}")
+        if self.targets.transform not in TARGET_TRANSFORMS:
+            raise UserError(f"config: targets.transform must be one of {', '.join(TARGET_TRANSFORMS)},"
+                            f" got {self.targets.transform!r}")
 
 
 def _check_hyperparameter(key, value):

@@ -45,11 +45,13 @@ def export_run(run_dir, which="best"):
     arrays = {"params." + name[len(prefix):]: np.asarray(v).astype(np.float32) for name, v in named.items()
               if name.startswith(prefix)}
     arrays.update(tables)
-    model = tomllib.loads(metadata["config_toml"])["model"]
+    config = tomllib.loads(metadata["config_toml"])
+    model = config["model"]
     manifest = {
         "format": FORMAT,
         "architecture": model["kind"],
         "model": model,
+        "targets": config.get("targets", {}),
         "params": which,
         "epoch": step,
         "members": metadata["members"],

@@ -10,6 +10,8 @@ import json
 
 import numpy as np
 
+from scp_jax.data.pvalues import expected_y_of_t
+
 MANIFEST = "manifest"
 FORMAT = "scp-jax-npz/1"
 
@@ -72,6 +74,8 @@ class Predictor:
         if "decoder.basis" in self.arrays:  # SVD targets: components -> genes with the member's fold basis
             basis = self.arrays["decoder.basis"][self.folds].astype(dtype)
             out = np.matmul(out, basis) + self.arrays["decoder.mean"][self.folds].astype(dtype)[:, None, :]
+        if self.manifest.get("targets", {}).get("transform") == "t_statistic":
+            out = expected_y_of_t(out, np).astype(dtype)
         return out
 
     def _dense(self, x, name, dtype):

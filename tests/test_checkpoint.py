@@ -1,7 +1,8 @@
 """Checkpoints, resume after SIGKILL, export, the jax-free predictor and device-count portability.
 
-One tiny world (32 genes, 4 members, hidden [16]) trained by the CLI in subprocesses that share a
-persistent compilation cache, so the whole file stays well under a minute on 2 cores.
+One tiny world (32 genes, 4 members, hidden [16], fitted as t-statistics) trained by the CLI in
+subprocesses that share a persistent compilation cache, so the whole file stays well under a minute
+on 2 cores.
 """
 
 import os
@@ -22,7 +23,7 @@ from scp_jax.engine.checkpoint import STALL_ENV, latest_step, restore_items
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--config", ROOT / "configs" / "ci.toml", "--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
-       "--set", "model.hidden=[16]", "--set", "model.activation='gelu'"]
+       "--set", "model.hidden=[16]", "--set", "model.activation='gelu'", "--set", "targets.transform='t_statistic'"]
 
 
 def env(tmp, **extra):

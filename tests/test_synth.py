@@ -10,7 +10,8 @@ from rdkit import Chem
 
 from scp_jax.data import default_world, load_id_map, load_train, make_world
 from scp_jax.data.__main__ import main
-from scp_jax.data.synth import Params, _cell_counts, _effect_oracle, expected_signed_log10_p, signed_log10_p
+from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
+from scp_jax.data.synth import Params, _cell_counts, _effect_oracle
 
 TRAIN_ROWS = {"NK cells": 146, "T cells CD4+": 146, "T regulatory cells": 146, "T cells CD8+": 142,
               "B cells": 17, "Myeloid cells": 17}

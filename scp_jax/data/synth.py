@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from scipy import special
 
 from scp_jax.atomic import atomic_path, write_text
+from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
 from scp_jax.errors import UserError
 
 VERSION = 3  # bump whenever generated numbers change: cached default worlds are rebuilt
@@ -211,21 +211,6 @@ def _reference_layout(rng, reference, n_genes):
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def signed_log10_p(t):
-    """sign(t) * -log10(two-sided normal p-value): the limma-style target, computed in log space."""
-    t = np.asarray(t, np.float64)
-    return -np.sign(t) * (special.log_ndtr(-np.abs(t)) + np.log(2.0)) / np.log(10.0)
-
-
-def expected_signed_log10_p(mean, scale):
-    """E[signed_log10_p(mean + scale * N(0, 1))] for a scalar scale, by tabulated Gauss-Hermite."""
-    mean = np.asarray(mean, np.float64)
-    nodes, weights = np.polynomial.hermite.hermgauss(160)
-    grid = np.arange(0.0, np.abs(mean).max() + 0.02, 0.005)
-    table = signed_log10_p(grid[:, None] + np.sqrt(2.0) * scale * nodes) @ weights / np.sqrt(np.pi)
-    return np.sign(mean) * np.interp(np.abs(mean), grid, table)  # odd in the mean
 
 
 def _cell_count_quantiles(params, cell_type, per_quality=16):

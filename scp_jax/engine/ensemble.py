@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from scp_jax.data.pvalues import expected_y_of_t
 from scp_jax.engine import optim
 from scp_jax.engine.losses import mixed_loss
 from scp_jax.metrics import masked_mrrmse_jax
@@ -38,11 +39,14 @@ class Data:
     decoder: "TargetSVD | None" = None  # noqa: F821  (scp_jax.features.targets); None: the model predicts genes
     pseudo_targets: jnp.ndarray | None = None  # [slots, q, genes]: a slot's labels come from that slot's members
     row_weight: jnp.ndarray | None = None  # [n + q] loss weight of each row; None: all 1
+    fit_targets: jnp.ndarray | None = None  # [n, genes] what the loss fits, if not `targets` (t-statistics)
 
     def row_targets(self, fold, rows):
-        """Targets of rows as fold `fold`'s members see them: pseudo rows (index >= n) take that fold's labels."""
-        n = self.targets.shape[0]
-        real = self.targets[jnp.minimum(rows, n - 1)]
+        """What the loss fits for rows, as fold `fold`'s members see them: pseudo rows (index >= n) take
+        that fold's labels."""
+        fit = self.targets if self.fit_targets is None else self.fit_targets
+        n = fit.shape[0]
+        real = fit[jnp.minimum(rows, n - 1)]
         if self.pseudo_targets is None:
             return real
         pseudo = self.pseudo_targets[fold][jnp.maximum(rows - n, 0)]
@@ -160,9 +164,11 @@ class Ensemble:
         return model(x)
 
     def apply(self, params, tables, decoder, fold, cell_index, compound_index):
-        """Gene-space predictions for rows: the outputs, decoded with fold `fold`'s basis for SVD targets."""
+        """Predictions of the targets for rows: the outputs, decoded with fold `fold`'s basis for SVD
+        targets, and mapped from t-statistics to E[signed -log10 p] when the loss fits t."""
         out = self.outputs(params, tables, fold, cell_index, compound_index)
-        return out if decoder is None else decoder.decode(fold, out)
+        out = out if decoder is None else decoder.decode(fold, out)
+        return expected_y_of_t(out, jnp) if self.config.targets.transform == "t_statistic" else out
 
     def _loss(self, params, data, rows, weights, spec, key):
         pred = self.outputs(params, data.tables, spec.fold, data.cell_index[rows], data.compound_index[rows], spec, key)

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from scp_jax.data.pvalues import t_statistic
 from scp_jax.engine.cv import kfold_assignment, make_folds  # noqa: F401  (kfold_assignment: re-exported)
 from scp_jax.engine.devices import MemberPlacement, to_host
 from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
@@ -182,14 +183,19 @@ def _train_stage(config, train, folds, members, placement, queries, on_chunk=Non
     specs, val_masks = member_specs(config, padded, fold_of_row, n_pseudo)
     train_masks = folds.train_masks()  # [slots, n]: slot k = fold k's training rows, slot K = all rows
     tables = build_tables(config, train, train_masks)
-    decoder = target_decoder(config, train.targets, train_masks)
+    fit_targets = None  # the loss fits the targets themselves
+    if config.targets.transform == "t_statistic":
+        fit_targets = t_statistic(train.targets).astype(np.float32)
+        if pseudo_targets is not None:
+            pseudo_targets = t_statistic(pseudo_targets).astype(np.float32)
+    decoder = target_decoder(config, train.targets if fit_targets is None else fit_targets, train_masks)
     index = (train.cell_index, train.compound_index)
     row_weight = None
     if n_pseudo:
         index = tuple(np.concatenate([a, b]) for a, b in zip(index, (queries.cell_index, queries.compound_index)))
         row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
         row_weight = row_weight.astype(np.float32)
-    data = placement.replicate(Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight))
+    data = placement.replicate(Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight, fit_targets))
     engine = compiled_ensemble(config, tables.width, train.targets.shape[1], members.program_options())
     steps = steps_per_epoch(specs.train_mask, config.batch_size)
     specs = placement.shard(specs)
