@@ -188,14 +188,6 @@ def test_engine_with_chemberta_file_descriptors_and_svd_genes(small_world, train
     assert np.isfinite(result.ensemble_cv) and np.isfinite(result.test_predictions).all()
 
 
-def test_engine_full_scheme_keeps_last_epoch_and_has_no_cv(small_world, train):
-    result = run(small_world, train, ['features=["onehot", "target_encoding"]', "cv=full"])
-    assert (result.members.fold == 0).all() and list(result.members.seed) == [0, 1, 2, 3]
-    assert np.isnan(result.member_cv).all() and (result.best_epoch == 2).all()
-    assert result.ensemble_cv is None and result.baseline_cv is None
-    assert np.isfinite(result.test_predictions).all()
-
-
 def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(small_world, train, tmp_path):
     from scp_jax.engine.checkpoint import Checkpointer
     from scp_jax.export import export_run
@@ -214,7 +206,7 @@ def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(s
                                result.test_predictions, atol=1e-4)
 
 
-def test_cli_full_scheme_writes_null_cv_and_the_scheme_per_member(small_world, tmp_path, capsys):
+def test_cli_full_scheme_keeps_the_last_epoch_and_writes_null_cv(small_world, tmp_path, capsys):
     import json
 
     from scp_jax.train import main as train_main
@@ -222,12 +214,15 @@ def test_cli_full_scheme_writes_null_cv_and_the_scheme_per_member(small_world, t
     ci_config = str(Path(__file__).resolve().parents[1] / "configs" / "ci.toml")
     train_main(["--config", ci_config, "--data", str(small_world / "de_train.parquet"), "--out", str(tmp_path / "run"),
                 "--ensemble", "2",
-                "--epochs", "2", "--set", "cv=full", "--set", "model.hidden=[8]", "--set", "checkpoint_every=2"])
+                "--epochs", "2", "--set", "cv=full", "--set", "model.hidden=[8]", "--set", "checkpoint_every=2",
+                "--set", 'features=["onehot", "target_encoding"]'])
     report = json.loads((tmp_path / "run" / "cv.json").read_text())
     assert report["scheme"] == "full" and report["folds"] == 0
     assert report["ensemble_cv_mrrmse"] is None and report["baselines_cv_mrrmse"] is None
     for row in report["members"]:
         assert row["cv_mrrmse"] is None and row["best_epoch"] == 1 and row["status"] == "completed"
         assert row["scheme"] == "full" and row["fold"] == 0
+    assert [row["seed"] for row in report["members"]] == [0, 1]
+    assert np.isfinite(pd.read_csv(tmp_path / "run" / "submission.csv").iloc[:, 1:].to_numpy()).all()
     assert (tmp_path / "run" / "members.csv").read_text().splitlines()[0].startswith("member,scheme,seed,fold")
     assert "no validation rows" in capsys.readouterr().out
