@@ -151,7 +151,7 @@ def test_checkpoint_restores_on_another_device_count(runs, tmp_path):
     import jax
 
     straight = runs["straight"]
-    environ = env(runs["tmp"], XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    environ = env(runs["tmp"], XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
     done = subprocess.run([sys.executable, "-c", TWO_DEVICES, straight / "checkpoints", tmp_path / "ckpt",
                            straight / "config.toml"], env=environ, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -132,7 +132,8 @@ print(json.dumps({{"cv": result.member_cv.tolist(), "ensemble": result.ensemble_
 
 
 def run_on_devices(devices, config):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     script = SHARDED_SCRIPT.format(tests=str(Path(__file__).parent), devices=devices, config=config)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
