@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,30 +121,46 @@ import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from toy import toy_train
 from scp_jax.config import load_config
+from scp_jax.engine.devices import initialize_distributed, to_host
 from scp_jax.engine.trainer import train_ensemble
+initialize_distributed(False)  # joins when SCP_JAX_DISTRIBUTED=1
 assert jax.device_count() == {devices}
 config = load_config(None, {config!r})
 result = train_ensemble(config, toy_train())
 params = jax.tree.leaves(result.state.params)
 print(json.dumps({{"cv": result.member_cv.tolist(), "ensemble": result.ensemble_cv,
                   "sharded": len(params[0].sharding.device_set),
-                  "kernel": np.asarray(params[0])[:6].ravel().tolist()}}))
+                  "kernel": to_host(params[0])[:6].ravel().tolist()}}))
 """
 
 
-def run_on_devices(devices, config):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+def run_on_devices(devices, config, processes=1):
+    """Train in `processes` local processes (one JAX distributed run) of `devices / processes` CPU devices each."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices // processes}"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    if processes > 1:
+        with socket.socket() as probe:  # a free port for the coordinator
+            probe.bind(("localhost", 0))
+            port = probe.getsockname()[1]
+        env.update(SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   SCP_JAX_NUM_PROCESSES=str(processes))
     script = SHARDED_SCRIPT.format(tests=str(Path(__file__).parent), devices=devices, config=config)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    running = [subprocess.Popen([sys.executable, "-c", script], env=dict(env, SCP_JAX_PROCESS_ID=str(i)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    results = []
+    for process in running:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r == results[0] for r in results)  # every process sees the whole ensemble
+    return results[0]
 
 
-def test_sharded_over_8_devices_equals_one_device():
+def test_sharded_over_8_devices_and_2_processes_equals_one_device():
     config = BASE + ["ensemble=6", "sweep.dropout=[0.1]"]  # 6 members pad to 8 on 8 devices
-    one, eight = run_on_devices(1, config), run_on_devices(8, config)
-    assert eight["sharded"] == 8
-    np.testing.assert_allclose(eight["cv"], one["cv"], atol=1e-5)
-    np.testing.assert_allclose(eight["kernel"], one["kernel"], atol=1e-5)
-    assert eight["ensemble"] == pytest.approx(one["ensemble"], abs=1e-5)
+    one, eight, two_hosts = run_on_devices(1, config), run_on_devices(8, config), run_on_devices(4, config, 2)
+    assert eight["sharded"] == 8 and two_hosts["sharded"] == 4
+    for sharded in (eight, two_hosts):
+        np.testing.assert_allclose(sharded["cv"], one["cv"], atol=1e-5)
+        np.testing.assert_allclose(sharded["kernel"], one["kernel"], atol=1e-5)
+        assert sharded["ensemble"] == pytest.approx(one["ensemble"], abs=1e-5)

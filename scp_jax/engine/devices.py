@@ -18,14 +18,24 @@ from scp_jax.errors import UserError
 def initialize_distributed(enabled):
     """Join a multi-host run: `distributed = true`, or SCP_JAX_DISTRIBUTED=1 in the environment.
 
-    Coordinator address, process count and id come from the usual JAX variables or the cluster
-    (SLURM, ...), as `jax.distributed.initialize` finds them.
+    Coordinator address, process count and id come from the cluster (SLURM, Open MPI, ...) as
+    `jax.distributed.initialize` detects them, or, where it cannot (a single machine, a plain
+    cluster), from JAX_COORDINATOR_ADDRESS, SCP_JAX_NUM_PROCESSES and SCP_JAX_PROCESS_ID.
     """
-    if enabled or os.environ.get("SCP_JAX_DISTRIBUTED") == "1":
+    if not (enabled or os.environ.get("SCP_JAX_DISTRIBUTED") == "1"):
+        return
+    explicit = {}
+    if "SCP_JAX_NUM_PROCESSES" in os.environ or "SCP_JAX_PROCESS_ID" in os.environ:
         try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"jax.distributed.initialize failed: {str(err).splitlines()[0]}") from None
+            explicit = {"num_processes": int(os.environ["SCP_JAX_NUM_PROCESSES"]),
+                        "process_id": int(os.environ["SCP_JAX_PROCESS_ID"])}
+        except (KeyError, ValueError):
+            raise UserError("SCP_JAX_NUM_PROCESSES and SCP_JAX_PROCESS_ID must both be set to integers") from None
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need it; GPUs ignore it
+    try:
+        jax.distributed.initialize(**explicit)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"jax.distributed.initialize failed: {str(err).splitlines()[0]}") from None
 
 
 class MemberPlacement:
