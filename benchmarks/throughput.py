@@ -39,7 +39,7 @@ from scp_jax.features.tables import FeatureTables
 ACCESSES_PER_STEP, ACCESSES_PER_EPOCH = 11, 4
 WORKLOADS = {
     "full": dict(features=1024, hidden=(1024, 1024), genes=18211, rows=614, batch=32, epochs=5, reps=3),
-    "quick": dict(features=64, hidden=(64, 64), genes=512, rows=614, batch=32, epochs=2, reps=2),
+    "quick": dict(features=64, hidden=(64, 64), genes=512, rows=614, batch=32, epochs=4, reps=5),
 }
 
 
