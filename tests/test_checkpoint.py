@@ -208,3 +208,25 @@ def test_predict_rejects_unknown_cell_type_in_one_line(runs, tmp_path, capsys):
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and "row 3: cell_type 'Neurons' is not in the model's training data" in error
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
+    """Stage 1 is not checkpointed: a resumed two-stage run recomputes its labels, then continues stage 2."""
+    data = ["--data", runs["world"] / "de_train.parquet"]
+    recipe = ["--config", ROOT / "configs" / "third_place.toml", "--ensemble", "3", "--epochs", "4",
+              "--set", "checkpoint_every=2", "--set", "epochs_per_chunk=2", "--set", "model.hidden=[16]",
+              "--set", "targets.svd=4"]
+    environ = env(runs["tmp"])
+    straight = cli("scp_jax.train", *data, "--out", tmp_path / "straight", *recipe, environ=environ)
+    killed = cli("scp_jax.train", *data, "--out", tmp_path / "resumed", *recipe,
+                 environ=env(runs["tmp"], **{STALL_ENV: "2"}))
+    for line in killed.stdout:
+        if line.startswith("stalled after epoch 2"):
+            break
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    finish(straight)
+    assert latest_step(tmp_path / "resumed" / "checkpoints") == 2
+    finish(cli("scp_jax.train", "--resume", tmp_path / "resumed", environ=environ))
+    for name in ("submission.csv", "metrics.jsonl", "metrics-stage1.jsonl", "cv.json"):
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name

@@ -20,9 +20,8 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-# The recipes' kinds beyond the MLP (which every other engine test trains); gru and cnn share the
-# token frame with lstm and transformer and get their gradients checked in test_models.py.
-@pytest.mark.parametrize("kind", ["resmlp", "lstm", "transformer"])
+# Every kind beyond the MLP, which every other engine test trains.
+@pytest.mark.parametrize("kind", ["resmlp", "cnn", "gru", "lstm", "transformer"])
 def test_model_kinds_train_as_a_vmapped_ensemble(kind):
     train = toy_train(n_genes=8)
     config = load_config(None, BASE + [f"model.kind={kind}", "ensemble=2", "epochs=3", "model.dropout=0.1",
