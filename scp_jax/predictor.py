@@ -1,16 +1,15 @@
 """Predict from an exported model.npz with numpy alone.
 
 Nothing in this module's import chain imports jax, so an exported ensemble runs where JAX is not
-installed. The forward pass mirrors scp_jax.models.mlp and scp_jax.features.tables: member m reads
-the per-fold tables (`features.fold_cell`, `features.fold_compound`) and, with SVD targets, the
+installed (models that fit t-statistics, `targets.transform = "t_statistic"`, also need scipy).
+The forward pass mirrors scp_jax.models.mlp and scp_jax.features.tables: member m reads the per-fold
+tables (`features.fold_cell`, `features.fold_compound`) and, with SVD targets, the
 decoder (`decoder.mean`, `decoder.basis`) at its own fold, the manifest's `members[m]["fold"]`.
 """
 
 import json
 
 import numpy as np
-
-from scp_jax.data.pvalues import expected_y_of_t
 
 MANIFEST = "manifest"
 FORMAT = "scp-jax-npz/1"
@@ -75,6 +74,8 @@ class Predictor:
             basis = self.arrays["decoder.basis"][self.folds].astype(dtype)
             out = np.matmul(out, basis) + self.arrays["decoder.mean"][self.folds].astype(dtype)[:, None, :]
         if self.manifest.get("targets", {}).get("transform") == "t_statistic":
+            from scp_jax.data.pvalues import expected_y_of_t  # scipy, for these models only
+
             out = expected_y_of_t(out, np).astype(dtype)
         return out
 

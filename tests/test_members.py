@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -145,13 +146,23 @@ def run_on_devices(devices, config, processes=1):
         env.update(SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                    SCP_JAX_NUM_PROCESSES=str(processes))
     script = SHARDED_SCRIPT.format(tests=str(Path(__file__).parent), devices=devices, config=config)
-    running = [subprocess.Popen([sys.executable, "-c", script], env=dict(env, SCP_JAX_PROCESS_ID=str(i)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
-    results = []
-    for process in running:
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-2000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as logs:  # files, not pipes: a chatty process never blocks on a full pipe
+        outs = [open(Path(logs) / f"{i}.out", "w+") for i in range(processes)]
+        running = [subprocess.Popen([sys.executable, "-c", script], env=dict(env, SCP_JAX_PROCESS_ID=str(i)),
+                                    stdout=out, stderr=subprocess.STDOUT, text=True) for i, out in enumerate(outs)]
+        try:
+            for process in running:
+                process.wait(timeout=300)
+        finally:
+            for process in running:
+                process.kill()  # a no-op for the finished; frees a peer stuck in a collective
+        results = []
+        for process, out in zip(running, outs):
+            out.seek(0)
+            text = out.read()
+            out.close()
+            assert process.returncode == 0, text[-2000:]
+            results.append(json.loads([line for line in text.splitlines() if line.startswith("{")][-1]))
     assert all(r == results[0] for r in results)  # every process sees the whole ensemble
     return results[0]
 

@@ -66,15 +66,17 @@ def test_median_weighted_and_clipped_aggregation_match_numpy():
     np.testing.assert_allclose(clipped.test_predictions, np.clip(result.test_predictions, lo, hi), atol=1e-6)
 
 
-def test_pseudo_labels_of_a_fold_come_from_that_folds_members_only():
+@pytest.mark.parametrize("transform", ["none", "t_statistic"])
+def test_pseudo_labels_of_a_fold_come_from_that_folds_members_only(transform):
     """Stage 1's labels for slot k are the prediction of fold k's members, which never saw fold k's rows;
     stage 2 trains on them and gives a different ensemble."""
     train, queries = toy_train(), toy_queries(toy_train(), n=16)
-    config = load_config(None, BASE + ["ensemble=6", "pseudo_labels.enabled=true", "pseudo_labels.weight=0.5"])
+    both = BASE + ["ensemble=6", f"targets.transform={transform}"]
+    config = load_config(None, both + ["pseudo_labels.enabled=true", "pseudo_labels.weight=0.5"])
     stage1_chunks = []
     result = train_ensemble(config, train, queries, on_pseudo_chunk=lambda *a: stage1_chunks.append(a))
     assert stage1_chunks and result.pseudo_targets.shape == (4, 16, train.targets.shape[1])
-    plain = load_config(None, BASE + ["ensemble=6"])
+    plain = load_config(None, both)
     for fold in range(3):
         members = MemberTable.from_config(plain, 3)
         only_fold = train_ensemble(plain, train, queries, members=members.take(np.flatnonzero(members.fold == fold)))

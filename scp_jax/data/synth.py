@@ -17,9 +17,10 @@ The squared t makes y heavy-tailed, as in the real limma statistics.
 
 The oracle is E[y | t's mean, s]: a one-dimensional expectation over the normal noise, tabulated
 with Gauss-Hermite quadrature on a fine grid and linearly interpolated (error below 1e-4). It knows
-each query row's cell count and quality, which no model can: the effect oracle, E[y | e] averaged
-over the query cell type's distribution of cell counts and quality, is the best any model that
-learned every effect e exactly could do, and so the reachable floor.
+each query row's cell count and quality, which no model can. The effect oracle, E[y | e] averaged
+over the query cell type's distribution of cell counts and quality, is what a model that learned
+every effect e exactly would predict gene by gene: a practical floor (not a strict one, since one
+unknown cell count scales a whole row and MRRMSE is not a per-gene squared error).
 """
 
 import dataclasses

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from scp_jax.data.pvalues import t_statistic
+from scp_jax.data.pvalues import t_of_expected_y, t_statistic
 from scp_jax.engine.cv import kfold_assignment, make_folds  # noqa: F401  (kfold_assignment: re-exported)
 from scp_jax.engine.devices import MemberPlacement, to_host
 from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
@@ -186,8 +186,8 @@ def _train_stage(config, train, folds, members, placement, queries, on_chunk=Non
     fit_targets = None  # the loss fits the targets themselves
     if config.targets.transform == "t_statistic":
         fit_targets = t_statistic(train.targets).astype(np.float32)
-        if pseudo_targets is not None:
-            pseudo_targets = t_statistic(pseudo_targets).astype(np.float32)
+        if pseudo_targets is not None:  # stage-1 predictions, mapped back: invert that map
+            pseudo_targets = t_of_expected_y(pseudo_targets).astype(np.float32)
     decoder = target_decoder(config, train.targets if fit_targets is None else fit_targets, train_masks)
     index = (train.cell_index, train.compound_index)
     row_weight = None
