@@ -149,7 +149,9 @@ def write_member_table(path, rows):
 def main(argv=None):
     args = parse_args(argv)
     config = resolve_config(args)
-    from scp_jax.engine.devices import initialize_distributed
+    import jax
+
+    from scp_jax.engine.devices import broadcast_text, initialize_distributed
 
     initialize_distributed(config.distributed)
     from scp_jax.data.dataset import load_id_map, load_train, write_submission
@@ -160,16 +162,26 @@ def main(argv=None):
     train_path, id_map_path = resolve_inputs(config)
     train = load_train(train_path)
     queries = load_id_map(id_map_path, train) if id_map_path else None
-    run_dir = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
-    if not args.resume:
-        write_text(run_dir / "config.toml", to_toml(config))
-    print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes, {config.ensemble} members")
+    # In a multi-process run every process trains its share of the members; process 0 writes the run
+    # dir (the checkpoints are written by all, through Orbax).
+    writer = jax.process_index() == 0
+    run_dir = Path(args.resume or args.out or "")
+    if writer:
+        run_dir = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
+        if not args.resume:
+            write_text(run_dir / "config.toml", to_toml(config))
+        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes, {config.ensemble} members")
+    run_dir = Path(broadcast_text(str(run_dir)))
 
     start = time.perf_counter()
     checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume))
-    log = ChunkLog(run_dir / "metrics.jsonl", config)
-    stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ") if config.pseudo_labels.enabled else None
+    log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
+    stage1_log = None
+    if writer and config.pseudo_labels.enabled:
+        stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ")
     result = train_ensemble(config, train, queries, on_chunk=log, checkpointer=checkpointer, on_pseudo_chunk=stage1_log)
+    if not writer:
+        return
     report = cv_report(config, result)
     write_text(run_dir / "cv.json", json.dumps(report, indent=2) + "\n")
     write_member_table(run_dir / "members.csv", report["members"])

@@ -5,10 +5,12 @@ subprocesses that share a persistent compilation cache, so the whole file stays 
 on 2 cores.
 """
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -230,3 +232,29 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
     finish(cli("scp_jax.train", "--resume", tmp_path / "resumed", environ=environ))
     for name in ("submission.csv", "metrics.jsonl", "metrics-stage1.jsonl", "cv.json"):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_two_process_cli_run_matches_one_process(runs, tmp_path):
+    """Two localhost processes, one CPU device each, train the run's members between them; process 0 alone
+    writes the run dir (under the name it chose), the checkpoints are written jointly."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    environ = env(runs["tmp"], SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                  SCP_JAX_NUM_PROCESSES="2")
+    data = ["--data", runs["world"] / "de_train.parquet"]
+    processes = [cli("scp_jax.train", *data, "--out", tmp_path / "run", *RUN,
+                     environ=dict(environ, SCP_JAX_PROCESS_ID=str(i))) for i in range(2)]
+    try:
+        outputs = [finish(process) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert "CV MRRMSE" in outputs[0] and "CV MRRMSE" not in outputs[1]
+    assert latest_step(tmp_path / "run" / "checkpoints") == 6
+    straight = pd.read_csv(runs["straight"] / "submission.csv").to_numpy()[:, 1:].astype(float)
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "run" / "submission.csv").to_numpy()[:, 1:].astype(float),
+                               straight, atol=1e-4)
+    scores = [[row["cv_mrrmse"] for row in json.loads((run / "cv.json").read_text())["members"]]
+              for run in (runs["straight"], tmp_path / "run")]
+    np.testing.assert_allclose(scores[1], scores[0], atol=1e-5)

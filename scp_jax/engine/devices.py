@@ -64,6 +64,16 @@ class MemberPlacement:
         return self._put(tree, self.replicated)
 
 
+def broadcast_text(text, size=4096):
+    """Process 0's `text` on every process (a run dir name chosen there, say); itself when alone."""
+    if jax.process_count() == 1:
+        return text
+    data = np.zeros(size, np.uint8)
+    encoded = text.encode()[:size]
+    data[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).rstrip(b"\0").decode()
+
+
 def to_host(tree):
     """Device arrays (possibly spread over hosts) as numpy arrays."""
     if jax.process_count() > 1:
