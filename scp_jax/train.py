@@ -165,13 +165,14 @@ def main(argv=None):
     # In a multi-process run every process trains its share of the members; process 0 writes the run
     # dir (the checkpoints are written by all, through Orbax).
     writer = jax.process_index() == 0
-    run_dir = Path(args.resume or args.out or "")
+    chosen = ""
     if writer:
         run_dir = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
         if not args.resume:
             write_text(run_dir / "config.toml", to_toml(config))
         print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes, {config.ensemble} members")
-    run_dir = Path(broadcast_text(str(run_dir)))
+        chosen = str(run_dir)
+    run_dir = Path(broadcast_text(chosen))  # a default --out is a timestamp: process 0's
 
     start = time.perf_counter()
     checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume))
