@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("default", "first_place", "second_place", "third_place")
 RESULTS = ROOT / "benchmarks" / "results"
-ORACLES = ("oracle", "effect_oracle")
 
 
 def run_recipe(recipe, ensemble, overrides, work):
@@ -42,7 +41,7 @@ def run_recipe(recipe, ensemble, overrides, work):
 
 
 def measure(recipe, ensemble, overrides, work, report_png):
-    from scp_jax.data.score import score
+    from scp_jax.data.score import ORACLES, score
     from scp_jax.data.synth import default_world
 
     run_dir, seconds = run_recipe(recipe, ensemble, overrides, work)

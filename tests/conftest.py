@@ -6,6 +6,7 @@ CLI subprocesses (they inherit the environment). Semantics are unchanged.
 """
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,11 @@ def reference_dir():
     if not (REFERENCE / "genes.txt").is_file():
         pytest.skip(f"reference data not found at {REFERENCE}")
     return REFERENCE
+
+
+@pytest.fixture
+def coordinator_address():
+    """localhost:PORT on a free port, for a JAX distributed run of local processes."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return f"localhost:{probe.getsockname()[1]}"

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -44,6 +43,15 @@ def finish(process):
     return output
 
 
+def kill_when_stalled(process, epoch):
+    """SIGKILL a run held by STALL_ENV once it reports the stall after `epoch` (its saves are then durable)."""
+    for line in process.stdout:
+        if line.startswith(f"stalled after epoch {epoch}"):
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A straight 6-epoch run, and one SIGKILLed after epoch 4 (checkpoint 3 on disk) then resumed."""
@@ -51,12 +59,8 @@ def runs(tmp_path_factory):
     world = make_world(tmp / "world", genes=32, seed=0)
     data = ["--data", world / "de_train.parquet"]
     finish(cli("scp_jax.train", *data, "--out", tmp / "straight", *RUN, environ=env(tmp)))  # fills the cache
-    killed = cli("scp_jax.train", *data, "--out", tmp / "resumed", *RUN, environ=env(tmp, **{STALL_ENV: "4"}))
-    for line in killed.stdout:
-        if line.startswith("stalled after epoch 4"):
-            break
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_when_stalled(cli("scp_jax.train", *data, "--out", tmp / "resumed", *RUN,
+                          environ=env(tmp, **{STALL_ENV: "4"})), epoch=4)
     resumed = tmp / "resumed"
     assert latest_step(resumed / "checkpoints") == 3
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 4  # epoch 4 logged, not checkpointed
@@ -220,13 +224,8 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
               "--set", "targets.svd=4"]
     environ = env(runs["tmp"])
     straight = cli("scp_jax.train", *data, "--out", tmp_path / "straight", *recipe, environ=environ)
-    killed = cli("scp_jax.train", *data, "--out", tmp_path / "resumed", *recipe,
-                 environ=env(runs["tmp"], **{STALL_ENV: "2"}))
-    for line in killed.stdout:
-        if line.startswith("stalled after epoch 2"):
-            break
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_when_stalled(cli("scp_jax.train", *data, "--out", tmp_path / "resumed", *recipe,
+                          environ=env(runs["tmp"], **{STALL_ENV: "2"})), epoch=2)
     finish(straight)
     assert latest_step(tmp_path / "resumed" / "checkpoints") == 2
     finish(cli("scp_jax.train", "--resume", tmp_path / "resumed", environ=environ))
@@ -234,13 +233,10 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
 
-def test_two_process_cli_run_matches_one_process(runs, tmp_path):
+def test_two_process_cli_run_matches_one_process(runs, tmp_path, coordinator_address):
     """Two localhost processes, one CPU device each, train the run's members between them; process 0 alone
     writes the run dir (under the name it chose), the checkpoints are written jointly."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    environ = env(runs["tmp"], SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+    environ = env(runs["tmp"], SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=coordinator_address,
                   SCP_JAX_NUM_PROCESSES="2")
     data = ["--data", runs["world"] / "de_train.parquet"]
     processes = [cli("scp_jax.train", *data, "--out", tmp_path / "run", *RUN,

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -135,16 +134,13 @@ print(json.dumps({{"cv": result.member_cv.tolist(), "ensemble": result.ensemble_
 """
 
 
-def run_on_devices(devices, config, processes=1):
-    """Train in `processes` local processes (one JAX distributed run) of `devices / processes` CPU devices each."""
+def run_on_devices(devices, config, processes=1, coordinator=None):
+    """Train in `processes` local processes (one JAX distributed run, coordinated at `coordinator`) of
+    `devices / processes` CPU devices each."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices // processes}"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     if processes > 1:
-        with socket.socket() as probe:  # a free port for the coordinator
-            probe.bind(("localhost", 0))
-            port = probe.getsockname()[1]
-        env.update(SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   SCP_JAX_NUM_PROCESSES=str(processes))
+        env.update(SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=coordinator, SCP_JAX_NUM_PROCESSES=str(processes))
     script = SHARDED_SCRIPT.format(tests=str(Path(__file__).parent), devices=devices, config=config)
     with tempfile.TemporaryDirectory() as logs:  # files, not pipes: a chatty process never blocks on a full pipe
         outs = [open(Path(logs) / f"{i}.out", "w+") for i in range(processes)]
@@ -167,9 +163,10 @@ def run_on_devices(devices, config, processes=1):
     return results[0]
 
 
-def test_sharded_over_8_devices_and_2_processes_equals_one_device():
+def test_sharded_over_8_devices_and_2_processes_equals_one_device(coordinator_address):
     config = BASE + ["ensemble=6", "sweep.dropout=[0.1]"]  # 6 members pad to 8 on 8 devices
-    one, eight, two_hosts = run_on_devices(1, config), run_on_devices(8, config), run_on_devices(4, config, 2)
+    one, eight = run_on_devices(1, config), run_on_devices(8, config)
+    two_hosts = run_on_devices(4, config, processes=2, coordinator=coordinator_address)
     assert eight["sharded"] == 8 and two_hosts["sharded"] == 4
     for sharded in (eight, two_hosts):
         np.testing.assert_allclose(sharded["cv"], one["cv"], atol=1e-5)

@@ -13,10 +13,14 @@ _LN10, _LN2 = np.log(10.0), np.log(2.0)
 _NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(24)
 
 
-def signed_log10_p(t):
-    """sign(t) * -log10(two-sided normal p-value), computed in log space."""
-    t = np.asarray(t, np.float64)
-    return -np.sign(t) * (special.log_ndtr(-np.abs(t)) + _LN2) / _LN10
+def signed_log10_p(t, xp=np):
+    """sign(t) * -log10(two-sided normal p-value), computed in log space (xp: numpy, in float64, or
+    jax.numpy)."""
+    if xp is np:
+        t, log_ndtr = np.asarray(t, np.float64), special.log_ndtr
+    else:
+        from jax.scipy.special import log_ndtr
+    return -xp.sign(t) * (log_ndtr(-xp.abs(t)) + _LN2) / _LN10
 
 
 def t_statistic(y):
@@ -43,20 +47,12 @@ def expected_y_of_t(t, xp):
     """
     nodes, weights = np.sqrt(2.0) * _NODES, _WEIGHTS / np.sqrt(np.pi)
     if xp is np:
-        return sum(_node_term(t, node, weight, np, special.log_ndtr) for node, weight in zip(nodes, weights)) / _LN10
+        return sum(weight * signed_log10_p(t + node) for node, weight in zip(nodes, weights))
     import jax
-    from jax.scipy.special import log_ndtr
 
     nodes, weights = xp.asarray(nodes, t.dtype), xp.asarray(weights, t.dtype)
-    total = jax.lax.fori_loop(0, len(nodes), lambda i, acc: acc + _node_term(t, nodes[i], weights[i], xp, log_ndtr),
-                              xp.zeros_like(t))
-    return total / _LN10
-
-
-def _node_term(t, node, weight, xp, log_ndtr):
-    """One quadrature node's share of E[y]: weight * signed_log10_p(t + node) * ln 10."""
-    shifted = t + node
-    return weight * -xp.sign(shifted) * (log_ndtr(-xp.abs(shifted)) + _LN2)
+    return jax.lax.fori_loop(0, len(nodes), lambda i, acc: acc + weights[i] * signed_log10_p(t + nodes[i], xp),
+                             xp.zeros_like(t))
 
 
 def t_of_expected_y(y, step=1e-3):

@@ -11,6 +11,8 @@ from scp_jax import metrics
 from scp_jax.data.dataset import load_id_map, load_train, read_csv, show
 from scp_jax.errors import UserError
 
+ORACLES = ("oracle", "effect_oracle")  # hidden/NAME.parquet, scored when the world has it
+
 
 def read_answers(path, genes, ids):
     """Hidden answer file (id + genes), rows aligned to `ids`."""
@@ -71,7 +73,7 @@ def score(world_dir, submission_path):
     predictions = read_submission(submission_path, queries.ids, train.genes)
     truth = read_answers(world / "hidden" / "truth.parquet", train.genes, queries.ids)
     scores = {"submission": metrics.mrrmse(truth, predictions)}
-    for oracle in ("oracle", "effect_oracle"):
+    for oracle in ORACLES:
         if (world / "hidden" / f"{oracle}.parquet").is_file():
             answers = read_answers(world / "hidden" / f"{oracle}.parquet", train.genes, queries.ids)
             scores[oracle] = metrics.mrrmse(truth, answers)

@@ -140,14 +140,35 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
         raise UserError(f"members ({members.scheme}, folds up to {members.fold.max()}) do not fit"
                         f" cv {folds.scheme!r} with {folds.n_folds} folds")
     placement = placement or MemberPlacement()
-    stage = functools.partial(_train_stage, config, train, folds, members, placement, queries)
+    fitted = _fit_folds(config, train, folds)
+    stage = functools.partial(_train_stage, config, train, folds, fitted, members, placement, queries)
     if not config.pseudo_labels.enabled:
         return stage(on_chunk=on_chunk, checkpointer=checkpointer)
     if queries is None:
         raise UserError("config: pseudo_labels.enabled needs an id map: its rows are what stage 1 labels")
     labels = stage(on_chunk=on_pseudo_chunk, pseudo_slots=True).pseudo_targets
-    second = stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=labels)
+    # Stage-1 labels are predictions, mapped back from t when the loss fits t: invert that map.
+    fit_labels = labels if fitted.fit_targets is None else t_of_expected_y(labels).astype(np.float32)
+    second = stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=fit_labels)
     return dataclasses.replace(second, pseudo_targets=labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FoldFits:
+    """What both stages of a run share, fitted once: feature tables, target decoder, the loss's targets."""
+
+    tables: object  # FeatureTables
+    decoder: object  # TargetSVD or None
+    fit_targets: np.ndarray | None  # [n, genes] t-statistics when the loss fits them; None: the targets
+
+
+def _fit_folds(config, train, folds):
+    train_masks = folds.train_masks()  # [slots, n]: slot k = fold k's training rows, slot K = all rows
+    fit_targets = None
+    if config.targets.transform == "t_statistic":
+        fit_targets = t_statistic(train.targets).astype(np.float32)
+    decoder = target_decoder(config, train.targets if fit_targets is None else fit_targets, train_masks)
+    return _FoldFits(build_tables(config, train, train_masks), decoder, fit_targets)
 
 
 def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_chunk, checkpointer):
@@ -171,31 +192,27 @@ def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_
     return state
 
 
-def _train_stage(config, train, folds, members, placement, queries, on_chunk=None, checkpointer=None,
+def _train_stage(config, train, folds, fitted, members, placement, queries, on_chunk=None, checkpointer=None,
                  pseudo_targets=None, pseudo_slots=False):
     """One ensemble, trained on the training rows (plus the queries, labelled per slot by
-    `pseudo_targets` [slots, q, genes]); `pseudo_slots` also returns each slot's prediction of the queries."""
+    `pseudo_targets` [slots, q, genes], in the loss's space); `pseudo_slots` also returns each slot's
+    prediction of the queries."""
     # Pad the member axis to fill every device; padding members repeat member 0 and are dropped.
     padded = members.take(np.arange(placement.padded(len(members))) % len(members))
     n = len(members)
     fold_of_row = folds.fold_of_row
     n_pseudo = 0 if pseudo_targets is None else len(queries.cell_index)
     specs, val_masks = member_specs(config, padded, fold_of_row, n_pseudo)
-    train_masks = folds.train_masks()  # [slots, n]: slot k = fold k's training rows, slot K = all rows
-    tables = build_tables(config, train, train_masks)
-    fit_targets = None  # the loss fits the targets themselves
-    if config.targets.transform == "t_statistic":
-        fit_targets = t_statistic(train.targets).astype(np.float32)
-        if pseudo_targets is not None:  # stage-1 predictions, mapped back: invert that map
-            pseudo_targets = t_of_expected_y(pseudo_targets).astype(np.float32)
-    decoder = target_decoder(config, train.targets if fit_targets is None else fit_targets, train_masks)
+    train_masks = folds.train_masks()
+    tables, decoder = fitted.tables, fitted.decoder
     index = (train.cell_index, train.compound_index)
     row_weight = None
     if n_pseudo:
         index = tuple(np.concatenate([a, b]) for a, b in zip(index, (queries.cell_index, queries.compound_index)))
         row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
         row_weight = row_weight.astype(np.float32)
-    data = placement.replicate(Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight, fit_targets))
+    data = placement.replicate(Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight,
+                                    fitted.fit_targets))
     engine = compiled_ensemble(config, tables.width, train.targets.shape[1], members.program_options())
     steps = steps_per_epoch(specs.train_mask, config.batch_size)
     specs = placement.shard(specs)
