@@ -16,6 +16,7 @@ from scp_jax.engine.trainer import train_ensemble
 from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables, target_decoder
 from scp_jax.features.targets import fold_svd
+from scp_jax.models.factorized import split_sides
 
 ENGINE = ["model.hidden=[16]", "batch_size=32", "epochs=3", "epochs_per_chunk=3", "ensemble=4"]
 
@@ -49,6 +50,11 @@ def test_table_shapes(train):
     assert tables.fold_compound.shape == (6, n_compounds, 2 * 4 + 1)
     assert tables.width == n_cells + n_compounds + 128 + 18
     assert tables.rows(2, jnp.arange(3), jnp.arange(3)).shape == (3, tables.width)
+    # The factorized model's two sides: a row's cell-type features, and its compound's.
+    cells, compounds = jnp.array([0, 1, 1]), jnp.array([2, 0, 5])
+    cell_side, compound_side = split_sides(tables.rows(2, cells, compounds), tables.layout)
+    np.testing.assert_array_equal(cell_side, np.c_[tables.cell[cells], tables.fold_cell[2][cells]])
+    np.testing.assert_array_equal(compound_side, np.c_[tables.compound[compounds], tables.fold_compound[2][compounds]])
 
 
 def test_target_encoding_equals_float64_recomputation(train):
@@ -168,6 +174,22 @@ def test_bad_feature_config(override, message):
 def run(small_world, train, overrides):
     config = load_config(None, ENGINE + overrides)
     return train_ensemble(config, train, load_id_map(small_world / "id_map.csv", train))
+
+
+def test_component_targets_are_each_slots_encoding_of_its_real_and_pseudo_rows(train):
+    from scp_jax.engine.ensemble import Data
+
+    folds = make_folds("kfold", train, 3, 0)
+    decoder = target_decoder(load_config(None, ["targets.svd=4"]), train.targets, folds.train_masks())
+    pseudo = np.random.default_rng(0).normal(size=(4, 5, len(train.genes))).astype(np.float32)
+    data = Data(jnp.asarray(train.targets), None, None, None, decoder, jnp.asarray(pseudo)).with_component_targets()
+    n = len(train.targets)
+    rows = np.array([0, 7, n, n + 4])
+    for slot in range(4):
+        labels = np.concatenate([train.targets, pseudo[slot]]).astype(np.float64)[rows]
+        mean, basis = np.asarray(decoder.mean[slot], np.float64), np.asarray(decoder.basis[slot], np.float64)
+        np.testing.assert_allclose(data.row_targets(slot, jnp.asarray(rows)), (labels - mean) @ basis.T,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_engine_with_molecules_target_encoding_and_svd_components(small_world, train):

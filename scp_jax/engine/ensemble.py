@@ -40,10 +40,13 @@ class Data:
     pseudo_targets: jnp.ndarray | None = None  # [slots, q, genes]: a slot's labels come from that slot's members
     row_weight: jnp.ndarray | None = None  # [n + q] loss weight of each row; None: all 1
     fit_targets: jnp.ndarray | None = None  # [n, genes] what the loss fits, if not `targets` (t-statistics)
+    component_targets: jnp.ndarray | None = None  # [slots, n + q, k] for a loss on SVD components
 
     def row_targets(self, fold, rows):
         """What the loss fits for rows, as fold `fold`'s members see them: pseudo rows (index >= n) take
-        that fold's labels."""
+        that fold's labels; with component targets, their encoding by that fold's basis."""
+        if self.component_targets is not None:
+            return self.component_targets[fold][rows]
         fit = self.targets if self.fit_targets is None else self.fit_targets
         n = fit.shape[0]
         real = fit[jnp.minimum(rows, n - 1)]
@@ -51,6 +54,15 @@ class Data:
             return real
         pseudo = self.pseudo_targets[fold][jnp.maximum(rows - n, 0)]
         return jnp.where((rows < n)[..., None], real, pseudo)
+
+    def with_component_targets(self):
+        """For a loss on SVD components: every row's fit target encoded by every slot's basis, once, and
+        not at each step, where it cost a [batch, genes] x [genes, k] product per member."""
+        fit = self.targets if self.fit_targets is None else self.fit_targets
+        slots = range(self.decoder.basis.shape[0])
+        rows = [fit if self.pseudo_targets is None else jnp.concatenate([fit, self.pseudo_targets[s]]) for s in slots]
+        encoded = jnp.stack([self.decoder.encode(s, r) for s, r in zip(slots, rows)])
+        return self.replace(component_targets=encoded, fit_targets=None, pseudo_targets=None)
 
 
 @struct.dataclass
@@ -88,7 +100,7 @@ def _fold_in(key, *data):
 
 
 # Settings that reach the program only as inputs (schedule, member table, hyperparameter values,
-# paths, the CV scheme, which feature sets fill the tables: their width is the `in_features` key,
+# paths, the CV scheme, which feature sets fill the tables: their widths are the `layout` key,
 # pseudo labels: extra rows and weights; the aggregation method is a static argument of its own
 # program): runs that differ only in these share one Ensemble and its compiled programs.
 # `targets` (SVD outputs, loss space), `model` and `loss` shape the program and stay in the key.
@@ -97,22 +109,23 @@ _NOT_IN_PROGRAM = ("epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "
                    "pseudo_labels", "aggregate")
 
 
-def compiled_ensemble(config, in_features, n_genes, options=frozenset()):
+def compiled_ensemble(config, layout, n_genes, options=frozenset()):
     """One Ensemble (and its compiled programs) per program-shaping configuration and shape."""
     defaults = type(config)()
     key = dataclasses.replace(config, **{name: getattr(defaults, name) for name in _NOT_IN_PROGRAM})
-    return _cached_ensemble(key, in_features, n_genes, options)
+    return _cached_ensemble(key, tuple(layout), n_genes, options)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_ensemble(config, in_features, n_genes, options):
-    return Ensemble(config, in_features, n_genes, options)
+def _cached_ensemble(config, layout, n_genes, options):
+    return Ensemble(config, layout, n_genes, options)
 
 
 class Ensemble:
-    """Compiled init / train-chunk / predict functions for one config and data shape."""
+    """Compiled init / train-chunk / predict functions for one config and data shape (`layout`: the
+    feature tables' FeatureTables.layout)."""
 
-    def __init__(self, config, in_features, n_genes, options=frozenset()):
+    def __init__(self, config, layout, n_genes, options=frozenset()):
         """`options` (MemberTable.program_options) names the random masks and optimizers some member
         uses: only those are built, since they cost time and compile time."""
         self.config = config
@@ -121,7 +134,7 @@ class Ensemble:
         self.options = options
         self.loss = mixed_loss(config.loss)
         n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
-        self._make = lambda key: build_model(config, in_features, n_out, nnx.Rngs(key))
+        self._make = lambda key: build_model(config, layout, n_out, nnx.Rngs(key))
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
         self.init = jax.jit(jax.vmap(self._init_member))
         self.train_chunk = jax.jit(
@@ -173,9 +186,7 @@ class Ensemble:
     def _loss(self, params, data, rows, weights, spec, key):
         pred = self.outputs(params, data.tables, spec.fold, data.cell_index[rows], data.compound_index[rows], spec, key)
         target = data.row_targets(spec.fold, rows)
-        if data.decoder is not None and self.config.targets.loss_space == "components":
-            target = data.decoder.encode(spec.fold, target)
-        elif data.decoder is not None:
+        if data.decoder is not None and data.component_targets is None:
             pred = data.decoder.decode(spec.fold, pred)
         if data.row_weight is not None:
             weights = weights * data.row_weight[rows]

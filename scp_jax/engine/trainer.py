@@ -211,9 +211,11 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
         index = tuple(np.concatenate([a, b]) for a, b in zip(index, (queries.cell_index, queries.compound_index)))
         row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
         row_weight = row_weight.astype(np.float32)
-    data = placement.replicate(Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight,
-                                    fitted.fit_targets))
-    engine = compiled_ensemble(config, tables.width, train.targets.shape[1], members.program_options())
+    data = Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight, fitted.fit_targets)
+    if decoder is not None and config.targets.loss_space == "components":
+        data = data.with_component_targets()
+    data = placement.replicate(data)
+    engine = compiled_ensemble(config, tables.layout, train.targets.shape[1], members.program_options())
     steps = steps_per_epoch(specs.train_mask, config.batch_size)
     specs = placement.shard(specs)
     state = engine.init(specs)
