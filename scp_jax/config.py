@@ -23,7 +23,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "mlp"  # mlp | resmlp | cnn | gru | lstm | transformer (scp_jax.models)
+    kind: str = "mlp"  # mlp | resmlp | cnn | gru | lstm | transformer | factorized (scp_jax.models)
     hidden: tuple[int, ...] = (64, 64)  # mlp: layer widths; resmlp: hidden[0] is the width, one block per entry
     activation: str = "relu"
     layer_norm: bool = False  # mlp: LayerNorm before each activation
@@ -34,6 +34,7 @@ class ModelConfig:
     depth: int = 2  # cnn/gru/lstm/transformer: layers
     heads: int = 4  # transformer
     kernel_size: int = 3  # cnn
+    rank: int = 16  # factorized: the embedding size of cell types and compounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,7 @@ class LossConfig:
     bce: float = 0.0  # on sigmoid-squashed targets
     huber: float = 0.0
     mrrmse: float = 0.0
+    scale_free: float = 0.0  # MSE after the best nonnegative rescaling of each row's prediction
     huber_delta: float = 1.0
 
 
@@ -105,7 +107,7 @@ class AggregateConfig:
 
 CV_SCHEMES = ("kfold", "b_myeloid", "leave_cell_type_out", "full")
 TE_STATS = ("mean", "std", "median", "q25", "q75")
-MODEL_KINDS = ("mlp", "resmlp", "cnn", "gru", "lstm", "transformer")
+MODEL_KINDS = ("mlp", "resmlp", "cnn", "gru", "lstm", "transformer", "factorized")
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AGGREGATES = ("mean", "median", "weighted")
@@ -149,7 +151,7 @@ class Config:
         if self.model.kind not in MODEL_KINDS:
             raise UserError(f"config: model.kind must be one of {', '.join(MODEL_KINDS)}, got {self.model.kind!r}")
         model_sizes = {"tokens": self.model.tokens, "width": self.model.width, "depth": self.model.depth,
-                       "heads": self.model.heads, "kernel_size": self.model.kernel_size}
+                       "heads": self.model.heads, "kernel_size": self.model.kernel_size, "rank": self.model.rank}
         for key, value in model_sizes.items():
             if value < 1:
                 raise UserError(f"config: model.{key} must be >= 1, got {value}")

@@ -15,7 +15,7 @@ SMALL = ["model.hidden=[12, 12]", "model.tokens=4", "model.width=8", "model.dept
 
 def small_model(kind, **extra):
     config = load_config(None, SMALL + [f"model.kind={kind}"] + [f"model.{k}={v}" for k, v in extra.items()])
-    return build_model(config, 10, 5, nnx.Rngs(0))
+    return build_model(config, (3, 3, 2, 2), 5, nnx.Rngs(0))  # cell, compound, fold_cell, fold_compound widths
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

@@ -22,7 +22,7 @@ def test_the_recipes_are_all_there():
 def test_recipe_is_valid_and_builds_its_model(recipe):
     config = load_config(CONFIGS / f"{recipe}.toml")
     outputs = config.targets.svd or 18211
-    out = jax.eval_shape(lambda x: build_model(config, 2200, outputs, nnx.Rngs(0))(x),
+    out = jax.eval_shape(lambda x: build_model(config, (6, 2048, 100, 46), outputs, nnx.Rngs(0))(x),
                          jax.ShapeDtypeStruct((3, 2200), "float32"))
     assert out.shape == (3, outputs)
 

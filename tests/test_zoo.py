@@ -35,7 +35,7 @@ def test_model_kinds_train_as_a_vmapped_ensemble(kind):
 
 def member_predictions(config, train, result, queries):
     tables = build_tables(config, train, result.folds.train_masks())
-    engine = compiled_ensemble(config, tables.width, train.targets.shape[1])
+    engine = compiled_ensemble(config, tables.layout, train.targets.shape[1])
     return engine, tables, np.asarray(engine.predict_members(result.state.best_params, jnp.asarray(result.members.fold),
                                                              tables, None, queries.cell_index, queries.compound_index))
 

@@ -39,7 +39,19 @@ def mrrmse(pred, target):
     return jnp.sqrt(mse(pred, target) + 1e-12)
 
 
-LOSSES = {"mse": mse, "mae": mae, "logcosh": logcosh, "bce": bce, "huber": huber, "mrrmse": mrrmse}
+def scale_free(pred, target):
+    """MSE after the best nonnegative rescaling a of each row's prediction, a = max(<p, t>, 0) / <p, p>.
+
+    A row's measured effect scales with how many cells it had (a third of the rows are damped by
+    few cells); this loss lets such rows teach the effect's shape without pulling its size to zero.
+    Mixed with MSE, which still sets the size.
+    """
+    a = jnp.maximum(jnp.sum(pred * target, axis=-1, keepdims=True), 0.0) / (jnp.sum(pred * pred, axis=-1, keepdims=True) + 1e-6)
+    return mse(a * pred, target)
+
+
+LOSSES = {"mse": mse, "mae": mae, "logcosh": logcosh, "bce": bce, "huber": huber, "mrrmse": mrrmse,
+          "scale_free": scale_free}
 
 
 def mixed_loss(config):

@@ -1,20 +1,24 @@
 """Flax NNX models. Each maps one row's features to its gene vector (or SVD components),
 independently of the other rows in its batch."""
 
+from scp_jax.models.factorized import Factorized
 from scp_jax.models.mlp import MLP, ResMLP
 from scp_jax.models.sequence import CNN, Recurrent, Transformer
 from scp_jax.precision import compute_dtype, param_dtype
 
 
-
-
-def build_model(config, in_features, out_features, rngs):
+def build_model(config, layout, out_features, rngs):
+    """The configured model over rows whose features have `layout` (FeatureTables.layout: the widths
+    of the cell, compound, fold_cell and fold_compound parts)."""
     m = config.model
+    in_features = sum(layout)
     common = dict(dtype=compute_dtype(config.precision), param_dtype=param_dtype(config.precision), rngs=rngs)
     if m.kind == "mlp":
         return MLP(in_features, m.hidden, out_features, activation=m.activation, layer_norm=m.layer_norm, **common)
     if m.kind == "resmlp":
         return ResMLP(in_features, m.hidden, out_features, activation=m.activation, **common)
+    if m.kind == "factorized":
+        return Factorized(layout, out_features, rank=m.rank, saturate=not config.targets.svd, **common)
     tokens = dict(tokens=m.tokens, width=m.width, depth=m.depth)
     if m.kind == "cnn":
         return CNN(in_features, out_features, kernel_size=m.kernel_size, activation=m.activation, **tokens, **common)

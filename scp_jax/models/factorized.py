@@ -1,0 +1,50 @@
+"""A factorized (CP, rank R) model of the cell type x compound x gene tensor.
+
+The effect of compound k on cell type c is `(u_c * w_k) @ L`: a cell-type embedding u and a compound
+embedding w multiplied elementwise, read out by R gene loadings L. Each embedding is a linear map of
+its own side's features only (one-hot: a free embedding; fingerprints and target encodings: shared
+across compounds). That is why it suits this task: a B-cell query takes u_B from the 17 B-cell rows
+and w_k from the compound's 4 T and NK rows, so each is learned where the data has it.
+
+When it predicts genes, a learned tanh saturation, `cap * tanh(raw / cap)`, bounds each gene's
+effect the way strong responses saturate, so the loadings need not bend to fit the tails. (With
+SVD targets it predicts components, where a per-gene cap has no meaning.)
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from scp_jax.models.mlp import maybe_dropout
+
+
+def split_sides(x, layout):
+    """A row's features [..., F] (in FeatureTables.rows order: cell, compound, fold_cell, fold_compound)
+    -> (cell side [..., cell + fold_cell], compound side [..., compound + fold_compound])."""
+    cell, compound, fold_cell, _ = layout
+    return (jnp.concatenate([x[..., :cell], x[..., cell + compound: cell + compound + fold_cell]], axis=-1),
+            jnp.concatenate([x[..., cell: cell + compound], x[..., cell + compound + fold_cell:]], axis=-1))
+
+
+class Factorized(nnx.Module):
+    def __init__(self, layout, out_features, *, rank=16, saturate=True, cap=1.0, dtype=None, param_dtype=jnp.float32,
+                 rngs):
+        """`layout`: the widths of the four feature parts (FeatureTables.layout)."""
+        self.layout = tuple(layout)
+        cell, compound, fold_cell, fold_compound = self.layout
+        dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # The cell embedding starts near 1, so at first every cell type shares the compound's effect.
+        self.cell = nnx.Linear(cell + fold_cell, rank, bias_init=nnx.initializers.ones,
+                               kernel_init=nnx.initializers.normal(0.1 / max(cell + fold_cell, 1) ** 0.5), **dense)
+        self.compound = nnx.Linear(compound + fold_compound, rank, **dense)
+        self.loadings = nnx.Linear(rank, out_features, use_bias=False, **dense)
+        self.offset = nnx.Param(jnp.zeros(out_features, param_dtype))
+        self.log_cap = nnx.Param(jnp.log(jnp.asarray(cap, param_dtype))) if saturate else None
+
+    def __call__(self, x, *, dropout_rate=0.0, key=None):
+        cell, compound = split_sides(x, self.layout)
+        h = maybe_dropout(self.cell(cell) * self.compound(compound), dropout_rate, key, 0)
+        out = self.loadings(h).astype(jnp.float32)
+        if self.log_cap is not None:
+            cap = jnp.exp(self.log_cap[...].astype(jnp.float32))
+            out = cap * jnp.tanh(out / cap)
+        return out + self.offset[...].astype(jnp.float32)
