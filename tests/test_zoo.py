@@ -21,11 +21,11 @@ def leaves(tree):
 
 
 # Every kind beyond the MLP, which every other engine test trains.
-@pytest.mark.parametrize("kind", ["resmlp", "cnn", "gru", "lstm", "transformer"])
+@pytest.mark.parametrize("kind", ["resmlp", "cnn", "gru", "lstm", "transformer", "factorized"])
 def test_model_kinds_train_as_a_vmapped_ensemble(kind):
     train = toy_train(n_genes=8)
     config = load_config(None, BASE + [f"model.kind={kind}", "ensemble=2", "epochs=3", "model.dropout=0.1",
-                                       "loss.mse=0.5", "loss.mae=0.5"])
+                                       "loss.mse=0.5", "loss.mae=0.5", "loss.scale_free=0.5"])
     losses = []
     result = train_ensemble(config, train, on_chunk=lambda e, m, s: losses.append(m["train_loss"]))
     loss = np.concatenate(losses, axis=1)
