@@ -28,7 +28,8 @@ def split_sides(x, layout):
 class Factorized(nnx.Module):
     def __init__(self, layout, out_features, *, rank=16, saturate=True, cap=1.0, dtype=None, param_dtype=jnp.float32,
                  rngs):
-        """`layout`: the widths of the four feature parts (FeatureTables.layout)."""
+        """`layout`: the widths of the four feature parts (FeatureTables.layout); `cap`: where the
+        saturation starts out (it is learned)."""
         self.layout = tuple(layout)
         cell, compound, fold_cell, fold_compound = self.layout
         dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
