@@ -14,9 +14,8 @@ from scp_jax.data.dataset import load_id_map, load_train
 from scp_jax.engine.cv import HELD_OUT_CELLS, make_folds
 from scp_jax.engine.trainer import train_ensemble
 from scp_jax.errors import UserError
-from scp_jax.features.tables import build_tables, target_decoder
+from scp_jax.features.tables import build_tables, split_sides, target_decoder
 from scp_jax.features.targets import fold_svd
-from scp_jax.models.factorized import split_sides
 
 ENGINE = ["model.hidden=[16]", "batch_size=32", "epochs=3", "epochs_per_chunk=3", "ensemble=4"]
 

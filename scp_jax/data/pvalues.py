@@ -35,21 +35,22 @@ def t_statistic(y):
 def expected_signed_log10_p(mean, scale):
     """E[signed_log10_p(mean + scale * N(0, 1))] for a scalar scale, by tabulated 160-node Gauss-Hermite."""
     mean = np.asarray(mean, np.float64)
-    nodes, weights = np.polynomial.hermite.hermgauss(160)
     grid = np.arange(0.0, np.abs(mean).max() + 0.02, 0.005)
-    table = signed_log10_p(grid[:, None] + np.sqrt(2.0) * scale * nodes) @ weights / np.sqrt(np.pi)
-    return np.sign(mean) * np.interp(np.abs(mean), grid, table)  # odd in the mean
+    return np.sign(mean) * np.interp(np.abs(mean), grid, _expected_on_grid(grid, scale))  # odd in the mean
+
+
+def _expected_on_grid(grid, scale):
+    """E[signed_log10_p(grid + scale * N(0, 1))] by 160-node Gauss-Hermite, float64."""
+    nodes, weights = np.polynomial.hermite.hermgauss(160)
+    return signed_log10_p(grid[:, None] + np.sqrt(2.0) * scale * nodes) @ weights / np.sqrt(np.pi)
 
 
 @functools.cache
 def _noise_correction():
-    """E[y(t + N(0, 1))] - y(t) on the uniform grid t = 0, _STEP, ..., _CORRECTION_END (160-node
-    Gauss-Hermite, float64). Smooth and odd in t; beyond the grid it is within 1e-4 of the last value
+    """E[y(t + N(0, 1))] - y(t) on the uniform grid t = 0, _STEP, ..., _CORRECTION_END. Smooth and odd in t; beyond the grid it is within 1e-4 of the last value
     (its limit is 0.5 / ln 10, half of y'' = 1 / ln 10)."""
     grid = np.arange(round(_CORRECTION_END / _STEP) + 1) * _STEP
-    nodes, weights = np.polynomial.hermite.hermgauss(160)
-    expected = signed_log10_p(grid[:, None] + np.sqrt(2.0) * nodes) @ weights / np.sqrt(np.pi)
-    return expected - signed_log10_p(grid)
+    return _expected_on_grid(grid, 1.0) - signed_log10_p(grid)
 
 
 def expected_y_of_t(t, xp):

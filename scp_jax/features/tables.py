@@ -40,6 +40,14 @@ class FeatureTables:
         return jnp.concatenate(parts, axis=-1)
 
 
+def split_sides(x, layout):
+    """Undo `rows`' concatenation into a row's two sides: features [..., F] -> (cell side
+    [..., cell + fold_cell], compound side [..., compound + fold_compound]); `layout` is the tables'."""
+    cell, compound, fold_cell, _ = layout
+    return (jnp.concatenate([x[..., :cell], x[..., cell + compound: cell + compound + fold_cell]], axis=-1),
+            jnp.concatenate([x[..., cell: cell + compound], x[..., cell + compound + fold_cell:]], axis=-1))
+
+
 def _concat(parts, shape):
     return np.concatenate(parts, axis=-1) if parts else np.zeros(shape, np.float32)
 

@@ -14,15 +14,8 @@ SVD targets it predicts components, where a per-gene cap has no meaning.)
 import jax.numpy as jnp
 from flax import nnx
 
+from scp_jax.features.tables import split_sides
 from scp_jax.models.mlp import maybe_dropout
-
-
-def split_sides(x, layout):
-    """A row's features [..., F] (in FeatureTables.rows order: cell, compound, fold_cell, fold_compound)
-    -> (cell side [..., cell + fold_cell], compound side [..., compound + fold_compound])."""
-    cell, compound, fold_cell, _ = layout
-    return (jnp.concatenate([x[..., :cell], x[..., cell + compound: cell + compound + fold_cell]], axis=-1),
-            jnp.concatenate([x[..., cell: cell + compound], x[..., cell + compound + fold_cell:]], axis=-1))
 
 
 class Factorized(nnx.Module):
