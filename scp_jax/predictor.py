@@ -2,9 +2,10 @@
 
 Nothing in this module's import chain imports jax, so an exported ensemble runs where JAX is not
 installed (models that fit t-statistics, `targets.transform = "t_statistic"`, also need scipy).
-The forward pass mirrors scp_jax.models.mlp and scp_jax.features.tables: member m reads the per-fold
-tables (`features.fold_cell`, `features.fold_compound`) and, with SVD targets, the
-decoder (`decoder.mean`, `decoder.basis`) at its own fold, the manifest's `members[m]["fold"]`.
+The forward passes mirror scp_jax.models.mlp (MLP, with or without LayerNorm),
+scp_jax.models.factorized and scp_jax.features.tables: member m reads the per-fold tables
+(`features.fold_cell`, `features.fold_compound`) and, with SVD targets, the decoder (`decoder.mean`,
+`decoder.basis`) at its own fold, the manifest's `members[m]["fold"]`.
 """
 
 import json
@@ -25,6 +26,18 @@ def gelu(x):
 
 
 ACTIVATIONS = {"relu": relu, "gelu": gelu}
+ARCHITECTURES = ("mlp", "factorized")
+
+
+def layer_norm(x, scale, bias, epsilon=1e-6):
+    """flax.nnx.LayerNorm's defaults, with [members, width] scale and bias."""
+    centered = x - x.mean(axis=-1, keepdims=True)
+    normed = centered / np.sqrt(np.square(centered).mean(axis=-1, keepdims=True) + x.dtype.type(epsilon))
+    return normed * scale[:, None, :] + bias[:, None, :]
+
+
+def concat_present(*parts):
+    return np.concatenate([p for p in parts if p is not None], axis=-1)
 
 
 class Predictor:
@@ -33,12 +46,11 @@ class Predictor:
     def __init__(self, arrays, manifest):
         if manifest.get("format") != FORMAT:
             raise ValueError(f"not an {FORMAT} export (format {manifest.get('format')!r})")
-        if manifest.get("architecture") != "mlp" or manifest["model"].get("layer_norm"):
-            raise ValueError(f"the numpy predictor runs plain MLPs; this is a {manifest.get('architecture')!r} model"
-                             " (its run's submission.csv holds the JAX predictions)")
+        if manifest.get("architecture") not in ARCHITECTURES:
+            raise ValueError(f"the numpy predictor runs {' and '.join(ARCHITECTURES)} models; this is a"
+                             f" {manifest.get('architecture')!r} model (its run's submission.csv holds the JAX"
+                             " predictions)")
         self.arrays, self.manifest = arrays, manifest
-        self.activation = ACTIVATIONS[manifest["model"]["activation"]]
-        self.n_layers = len(manifest["model"]["hidden"])
         self.folds = np.array([row["fold"] for row in manifest["members"]], np.int64)
 
     @classmethod
@@ -52,24 +64,27 @@ class Predictor:
     def genes(self):
         return self.manifest["genes"]
 
+    def _table_rows(self, name, index):
+        """[members, rows, width] of one feature table: a shared table's rows for every member, or a
+        per-fold table's rows at each member's fold; None when the export has no such table."""
+        table = self.arrays.get(f"features.{name}")  # exports from before per-fold tables have none
+        if table is None:
+            return None
+        if name.startswith("fold_"):
+            return table[self.folds][:, index]
+        return np.broadcast_to(table[index], (len(self.folds), len(index), table.shape[-1]))
+
     def features(self, cell_index, compound_index):
         """[members, rows, width]: concat(cell row, compound row, the member's fold rows), as
         FeatureTables.rows does on the device."""
-        shared = np.concatenate(
-            [self.arrays["features.cell"][cell_index], self.arrays["features.compound"][compound_index]], axis=-1
-        )
-        parts = [np.broadcast_to(shared, (len(self.folds), *shared.shape))]
-        for name, index in (("features.fold_cell", cell_index), ("features.fold_compound", compound_index)):
-            if name in self.arrays:  # exports from before per-fold tables have none
-                parts.append(self.arrays[name][self.folds][:, index])
-        return np.concatenate(parts, axis=-1)
+        return concat_present(self._table_rows("cell", cell_index), self._table_rows("compound", compound_index),
+                              self._table_rows("fold_cell", cell_index),
+                              self._table_rows("fold_compound", compound_index))
 
     def member_predictions(self, cell_index, compound_index, dtype=np.float32):
         """[members, rows, genes]: every member's prediction for each (cell, compound) row."""
-        x = self.features(cell_index, compound_index).astype(dtype)
-        for i in range(self.n_layers):
-            x = self.activation(self._dense(x, f"params.layers.{i}", dtype))
-        out = self._dense(x, "params.head", dtype)
+        forward = self._factorized if self.manifest["architecture"] == "factorized" else self._mlp
+        out = forward(cell_index, compound_index, dtype)
         if "decoder.basis" in self.arrays:  # SVD targets: components -> genes with the member's fold basis
             basis = self.arrays["decoder.basis"][self.folds].astype(dtype)
             out = np.matmul(out, basis) + self.arrays["decoder.mean"][self.folds].astype(dtype)[:, None, :]
@@ -79,9 +94,37 @@ class Predictor:
             out = expected_y_of_t(out, np).astype(dtype)
         return out
 
+    def _mlp(self, cell_index, compound_index, dtype):
+        model = self.manifest["model"]
+        x = self.features(cell_index, compound_index).astype(dtype)
+        for i in range(len(model["hidden"])):
+            x = self._dense(x, f"params.layers.{i}", dtype)
+            if model.get("layer_norm"):
+                norm = f"params.norms.{i}"
+                x = layer_norm(x, self._param(f"{norm}.scale", dtype), self._param(f"{norm}.bias", dtype))
+            x = ACTIVATIONS[model["activation"]](x)
+        return self._dense(x, "params.head", dtype)
+
+    def _factorized(self, cell_index, compound_index, dtype):
+        """(cell embedding * compound embedding) @ loadings, each embedding from its own side's tables."""
+        cell = concat_present(self._table_rows("cell", cell_index), self._table_rows("fold_cell", cell_index))
+        compound = concat_present(self._table_rows("compound", compound_index),
+                                self._table_rows("fold_compound", compound_index))
+        h = self._dense(cell.astype(dtype), "params.cell", dtype) * self._dense(
+            compound.astype(dtype), "params.compound", dtype)
+        out = self._dense(h, "params.loadings", dtype)
+        if "params.log_cap" in self.arrays:  # the learned saturation of gene-space models
+            cap = np.exp(self._param("params.log_cap", dtype))[:, None, None]
+            out = cap * np.tanh(out / cap)
+        return out + self._param("params.offset", dtype)[:, None, :]
+
+    def _param(self, name, dtype):
+        return self.arrays[name].astype(dtype)
+
     def _dense(self, x, name, dtype):
-        kernel, bias = self.arrays[f"{name}.kernel"].astype(dtype), self.arrays[f"{name}.bias"].astype(dtype)
-        return np.matmul(x, kernel) + bias[:, None, :]
+        """A stacked nnx.Linear: [members, rows, in] -> [members, rows, out], with its bias if it has one."""
+        out = np.matmul(x, self._param(f"{name}.kernel", dtype))
+        return out + self._param(f"{name}.bias", dtype)[:, None, :] if f"{name}.bias" in self.arrays else out
 
     def predict(self, cell_index, compound_index, aggregate="mean", clip=False, dtype=np.float32):
         """[rows, genes]: members aggregated by mean or median, optionally clipped to each gene's training range."""

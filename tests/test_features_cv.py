@@ -209,17 +209,26 @@ def test_engine_with_chemberta_file_descriptors_and_svd_genes(small_world, train
     assert np.isfinite(result.ensemble_cv) and np.isfinite(result.test_predictions).all()
 
 
-def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(small_world, train, tmp_path):
+@pytest.mark.parametrize("model", [
+    ["targets.svd=8"],
+    ["model.layer_norm=true", "model.activation='gelu'", "targets.svd=8"],
+    ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'"],  # genes: saturation
+], ids=["mlp", "mlp-layer-norm", "factorized"])
+def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(small_world, train, tmp_path, model):
     from scp_jax.engine.checkpoint import Checkpointer
     from scp_jax.export import export_run
     from scp_jax.predictor import Predictor
 
-    config = load_config(None, ENGINE + ['features=["onehot", "target_encoding"]', "cv=b_myeloid",
-                                         "target_encoding.svd=4", "targets.svd=8", "checkpoint_every=3"])
+    config = load_config(None, ENGINE + model + ['features=["onehot", "target_encoding"]', "cv=b_myeloid",
+                                                 "target_encoding.svd=4", "checkpoint_every=3"])
     queries = load_id_map(small_world / "id_map.csv", train)
     result = train_ensemble(config, train, queries, checkpointer=Checkpointer(tmp_path / "checkpoints", config, train))
     arrays, manifest = export_run(tmp_path)
-    assert arrays["features.fold_cell"].shape[0] == 6 and arrays["decoder.basis"].shape == (6, 8, len(train.genes))
+    assert arrays["features.fold_cell"].shape[0] == 6
+    if config.targets.svd:
+        assert arrays["decoder.basis"].shape == (6, 8, len(train.genes))
+    else:
+        assert "params.log_cap" in arrays
     assert [row["scheme"] for row in manifest["members"]] == ["b_myeloid"] * 4
     predictor = Predictor(arrays, manifest)
     np.testing.assert_array_equal(predictor.folds, result.members.fold)

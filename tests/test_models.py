@@ -68,6 +68,6 @@ def test_model_config_errors():
 def test_numpy_predictor_refuses_what_it_cannot_run():
     from scp_jax.predictor import FORMAT, Predictor
 
-    for architecture, model in (("transformer", {}), ("mlp", {"layer_norm": True})):
-        with pytest.raises(ValueError, match="runs plain MLPs"):
-            Predictor({}, {"format": FORMAT, "architecture": architecture, "model": model})
+    for architecture in ("transformer", "gru", "resmlp"):
+        with pytest.raises(ValueError, match=f"runs mlp and factorized models; this is a '{architecture}' model"):
+            Predictor({}, {"format": FORMAT, "architecture": architecture, "model": {}})
