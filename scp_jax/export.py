@@ -1,6 +1,7 @@
 """`python -m scp_jax.export RUN_DIR --out model.npz [--best|--last]`: a trained ensemble as plain numpy.
 
 The npz holds arrays stacked over members (`params.layers.<i>.kernel`, ..., `params.head.bias`),
+each member's best validation score and epoch (`members.best_score`, `members.best_epoch`),
 the feature tables (`features.cell`, `features.compound`, per fold slot `features.fold_cell`,
 `features.fold_compound`), the SVD target decoder per fold slot (`decoder.mean`, `decoder.basis`)
 when the run predicts components, each gene's training range
@@ -45,6 +46,8 @@ def export_run(run_dir, which="best"):
     arrays = {"params." + name[len(prefix):]: np.asarray(v).astype(np.float32) for name, v in named.items()
               if name.startswith(prefix)}
     arrays.update(tables)
+    # Each member's best validation score and epoch: `weighted` aggregation's weights, and which members vote.
+    arrays.update({f"members.{name}": np.asarray(named[name]) for name in ("best_score", "best_epoch")})
     config = tomllib.loads(metadata["config_toml"])
     model = config["model"]
     manifest = {

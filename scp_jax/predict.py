@@ -24,7 +24,8 @@ def parse_args(argv):
     parser.add_argument("--id-map", required=True, help="id_map.csv: id, cell_type, sm_name")
     parser.add_argument("--data", help="training parquet; its gene columns must match the model's")
     parser.add_argument("--out", required=True, help="submission.csv to write")
-    parser.add_argument("--aggregate", choices=("mean", "median"), default="mean", help="how members combine")
+    parser.add_argument("--aggregate", choices=("mean", "median", "weighted"), default="mean",
+                        help="how members combine (weighted: by 1 / each member's CV^2)")
     parser.add_argument("--clip", action="store_true", help="clip each gene to its training range")
     return parser.parse_args(argv)
 

@@ -52,6 +52,13 @@ class Predictor:
                              " predictions)")
         self.arrays, self.manifest = arrays, manifest
         self.folds = np.array([row["fold"] for row in manifest["members"]], np.int64)
+        # As the engine aggregates: a member that never kept a best epoch (it diverged before any finite
+        # score) has no best parameters and does not vote; `weighted` weighs a member by 1 / its CV^2.
+        n = len(self.folds)
+        best_epoch = arrays.get("members.best_epoch")  # exports from before these have none
+        self.votes = best_epoch >= 0 if best_epoch is not None and manifest["params"] == "best" else np.ones(n, bool)
+        score = arrays.get("members.best_score", np.full(n, np.nan))
+        self.weights = np.where(np.isfinite(score), 1.0 / np.square(score), 1.0)
 
     @classmethod
     def load(cls, path):
@@ -127,9 +134,14 @@ class Predictor:
         return out + self._param(f"{name}.bias", dtype)[:, None, :] if f"{name}.bias" in self.arrays else out
 
     def predict(self, cell_index, compound_index, aggregate="mean", clip=False, dtype=np.float32):
-        """[rows, genes]: members aggregated by mean or median, optionally clipped to each gene's training range."""
-        members = self.member_predictions(cell_index, compound_index, dtype)
-        prediction = np.median(members, axis=0) if aggregate == "median" else members.mean(axis=0)
+        """[rows, genes]: the voting members combined by mean, median or weighted mean, optionally clipped
+        to each gene's training range."""
+        members = self.member_predictions(cell_index, compound_index, dtype)[self.votes]
+        if aggregate == "median":
+            prediction = np.median(members, axis=0)
+        else:
+            weights = self.weights[self.votes] if aggregate == "weighted" else np.ones(len(members))
+            prediction = np.einsum("m,mrg->rg", (weights / weights.sum()).astype(dtype), members)
         if clip:
             prediction = np.clip(prediction, self.arrays["clip_min"], self.arrays["clip_max"])
         return prediction

@@ -211,8 +211,9 @@ def test_engine_with_chemberta_file_descriptors_and_svd_genes(small_world, train
 
 @pytest.mark.parametrize("model", [
     ["targets.svd=8"],
-    ["model.layer_norm=true", "model.activation='gelu'", "targets.svd=8"],
-    ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'"],  # genes: saturation
+    ["model.layer_norm=true", "model.activation='gelu'", "targets.svd=8", "aggregate.method='median'"],
+    ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'",  # genes: saturation
+     "aggregate.method='weighted'"],
 ], ids=["mlp", "mlp-layer-norm", "factorized"])
 def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(small_world, train, tmp_path, model):
     from scp_jax.engine.checkpoint import Checkpointer
@@ -232,8 +233,9 @@ def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(s
     assert [row["scheme"] for row in manifest["members"]] == ["b_myeloid"] * 4
     predictor = Predictor(arrays, manifest)
     np.testing.assert_array_equal(predictor.folds, result.members.fold)
-    np.testing.assert_allclose(predictor.predict(queries.cell_index, queries.compound_index, dtype=np.float64),
-                               result.test_predictions, atol=1e-4)
+    assert predictor.votes.all() and len(np.unique(predictor.weights)) == 4  # each member its own CV
+    np.testing.assert_allclose(predictor.predict(queries.cell_index, queries.compound_index, config.aggregate.method,
+                                                 dtype=np.float64), result.test_predictions, atol=1e-4)
 
 
 def test_cli_full_scheme_keeps_the_last_epoch_and_writes_null_cv(small_world, tmp_path, capsys):
