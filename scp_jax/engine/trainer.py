@@ -192,6 +192,22 @@ def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_
     return state
 
 
+def _stage_data(config, train, queries, fitted, pseudo_targets):
+    """What a stage trains on: the training rows, then (with `pseudo_targets`) the queries, weighted
+    by `pseudo_labels.weight`; with the loss on SVD components, targets encoded once per slot."""
+    index = (train.cell_index, train.compound_index)
+    row_weight = None
+    if pseudo_targets is not None:
+        index = tuple(np.concatenate([a, b]) for a, b in zip(index, (queries.cell_index, queries.compound_index)))
+        n_pseudo = len(queries.cell_index)
+        row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
+        row_weight = row_weight.astype(np.float32)
+    data = Data(train.targets, *index, fitted.tables, fitted.decoder, pseudo_targets, row_weight, fitted.fit_targets)
+    if fitted.decoder is not None and config.targets.loss_space == "components":
+        data = data.with_component_targets()
+    return data
+
+
 def _train_stage(config, train, folds, fitted, members, placement, queries, on_chunk=None, checkpointer=None,
                  pseudo_targets=None, pseudo_slots=False):
     """One ensemble, trained on the training rows (plus the queries, labelled per slot by
@@ -204,25 +220,15 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
     n_pseudo = 0 if pseudo_targets is None else len(queries.cell_index)
     specs, val_masks = member_specs(config, padded, fold_of_row, n_pseudo)
     train_masks = folds.train_masks()
-    tables, decoder = fitted.tables, fitted.decoder
-    index = (train.cell_index, train.compound_index)
-    row_weight = None
-    if n_pseudo:
-        index = tuple(np.concatenate([a, b]) for a, b in zip(index, (queries.cell_index, queries.compound_index)))
-        row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
-        row_weight = row_weight.astype(np.float32)
-    data = Data(train.targets, *index, tables, decoder, pseudo_targets, row_weight, fitted.fit_targets)
-    if decoder is not None and config.targets.loss_space == "components":
-        data = data.with_component_targets()
-    data = placement.replicate(data)
-    engine = compiled_ensemble(config, tables.layout, train.targets.shape[1], members.program_options())
+    data = placement.replicate(_stage_data(config, train, queries, fitted, pseudo_targets))
+    engine = compiled_ensemble(config, fitted.tables.layout, train.targets.shape[1], members.program_options())
     steps = steps_per_epoch(specs.train_mask, config.batch_size)
     specs = placement.shard(specs)
     state = engine.init(specs)
 
     epoch = 0
     if checkpointer is not None:
-        state, epoch = checkpointer.restore(state, members, tables, decoder)
+        state, epoch = checkpointer.restore(state, members, fitted.tables, fitted.decoder)
     state = _run_chunks(config, engine, state, epoch, specs, data, steps, n, on_chunk, checkpointer)
 
     summary = to_host({"best_score": state.best_score, "best_epoch": state.best_epoch, "stopped_at": state.stopped_at,
