@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ("default", "first_place", "second_place", "third_place", "factorized")
+RECIPES = ("default", "transformer", "first_place", "second_place", "third_place")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
