@@ -8,7 +8,7 @@ benchmarks/results/accuracy.{json,md} and each run's report.png as accuracy-RECI
 
     python benchmarks/accuracy.py                         # every recipe, --ensemble 20
     python benchmarks/accuracy.py --recipes default --update            # rerun one recipe, keep the others
-    python benchmarks/accuracy.py --recipes default --set model.hidden=[256,256] --name try1
+    python benchmarks/accuracy.py --recipes default --set model.rank=48 --name try1
 """
 
 import argparse

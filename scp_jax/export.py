@@ -1,6 +1,8 @@
 """`python -m scp_jax.export RUN_DIR --out model.npz [--best|--last]`: a trained ensemble as plain numpy.
 
-The npz holds arrays stacked over members (`params.layers.<i>.kernel`, ..., `params.head.bias`),
+The npz holds the parameters stacked over members under their model's names (an MLP's
+`params.layers.<i>.kernel`, ..., `params.head.bias`; a factorized model's `params.cell.*`,
+`params.compound.*`, `params.loadings.kernel`, `params.offset`, `params.log_cap`),
 each member's best validation score and epoch (`members.best_score`, `members.best_epoch`),
 the feature tables (`features.cell`, `features.compound`, per fold slot `features.fold_cell`,
 `features.fold_compound`), the SVD target decoder per fold slot (`decoder.mean`, `decoder.basis`)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scp_jax.errors import UserError, cli_main
-from scp_jax.predictor import Predictor
+from scp_jax.predictor import AGGREGATES, Predictor
 
 
 def parse_args(argv):
@@ -24,9 +24,10 @@ def parse_args(argv):
     parser.add_argument("--id-map", required=True, help="id_map.csv: id, cell_type, sm_name")
     parser.add_argument("--data", help="training parquet; its gene columns must match the model's")
     parser.add_argument("--out", required=True, help="submission.csv to write")
-    parser.add_argument("--aggregate", choices=("mean", "median", "weighted"), default="mean",
-                        help="how members combine (weighted: by 1 / each member's CV^2)")
-    parser.add_argument("--clip", action="store_true", help="clip each gene to its training range")
+    parser.add_argument("--aggregate", choices=AGGREGATES,
+                        help="how members combine (weighted: by 1 / each member's CV^2); default: as the run did")
+    parser.add_argument("--clip", action=argparse.BooleanOptionalAction,
+                        help="clip each gene to its training range; default: as the run did")
     return parser.parse_args(argv)
 
 
@@ -88,9 +89,13 @@ def main(argv=None):
     ids, cell_index, compound_index = read_queries(args.id_map, model)
     from scp_jax.data.dataset import write_submission
 
-    predictions = model.predict(cell_index, compound_index, aggregate=args.aggregate, clip=args.clip)
+    try:
+        predictions = model.predict(cell_index, compound_index, aggregate=args.aggregate, clip=args.clip)
+    except ValueError as err:
+        raise UserError(f"{args.model}: {err}") from None
     write_submission(args.out, ids, model.genes, predictions)
-    print(f"{len(ids)} rows x {len(model.genes)} genes ({args.aggregate} of {len(model.manifest['members'])} members) -> {args.out}")
+    method = args.aggregate or model.run_aggregate[0]
+    print(f"{len(ids)} rows x {len(model.genes)} genes ({method} of {model.votes.sum()} members) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ scp_jax.models.factorized and scp_jax.features.tables: member m reads the per-fo
 """
 
 import json
+import tomllib
 
 import numpy as np
 
@@ -29,11 +30,22 @@ ACTIVATIONS = {"relu": relu, "gelu": gelu}
 ARCHITECTURES = ("mlp", "factorized")
 
 
+AGGREGATES = ("mean", "median", "weighted")
+
+
 def layer_norm(x, scale, bias, epsilon=1e-6):
-    """flax.nnx.LayerNorm's defaults, with [members, width] scale and bias."""
-    centered = x - x.mean(axis=-1, keepdims=True)
-    normed = centered / np.sqrt(np.square(centered).mean(axis=-1, keepdims=True) + x.dtype.type(epsilon))
-    return normed * scale[:, None, :] + bias[:, None, :]
+    """flax.nnx.LayerNorm's defaults (fast variance E[x^2] - E[x]^2, clipped at 0), with [members, width]
+    scale and bias."""
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = np.maximum(np.square(x).mean(axis=-1, keepdims=True) - np.square(mean), 0)
+    return (x - mean) / np.sqrt(variance + x.dtype.type(epsilon)) * scale[:, None, :] + bias[:, None, :]
+
+
+def member_weights(scores):
+    """`weighted` aggregation's weights, here and in the engine: 1 / CV^2, 1 for a member without a
+    finite score."""
+    scores = np.asarray(scores)
+    return np.where(np.isfinite(scores), 1.0 / np.square(scores), 1.0).astype(np.float32)
 
 
 def concat_present(*parts):
@@ -53,12 +65,13 @@ class Predictor:
         self.arrays, self.manifest = arrays, manifest
         self.folds = np.array([row["fold"] for row in manifest["members"]], np.int64)
         # As the engine aggregates: a member that never kept a best epoch (it diverged before any finite
-        # score) has no best parameters and does not vote; `weighted` weighs a member by 1 / its CV^2.
-        n = len(self.folds)
+        # score) has no trained parameters, best or last, and does not vote.
         best_epoch = arrays.get("members.best_epoch")  # exports from before these have none
-        self.votes = best_epoch >= 0 if best_epoch is not None and manifest["params"] == "best" else np.ones(n, bool)
-        score = arrays.get("members.best_score", np.full(n, np.nan))
-        self.weights = np.where(np.isfinite(score), 1.0 / np.square(score), 1.0)
+        self.votes = best_epoch >= 0 if best_epoch is not None else np.ones(len(self.folds), bool)
+        if not self.votes.any():
+            raise ValueError("no member kept a best epoch (each diverged before a finite validation score)")
+        config = tomllib.loads(manifest.get("config_toml", "")).get("aggregate", {})
+        self.run_aggregate = config.get("method", "mean"), config.get("clip_to_train_range", False)
 
     @classmethod
     def load(cls, path):
@@ -133,14 +146,23 @@ class Predictor:
         out = np.matmul(x, self._param(f"{name}.kernel", dtype))
         return out + self._param(f"{name}.bias", dtype)[:, None, :] if f"{name}.bias" in self.arrays else out
 
-    def predict(self, cell_index, compound_index, aggregate="mean", clip=False, dtype=np.float32):
-        """[rows, genes]: the voting members combined by mean, median or weighted mean, optionally clipped
-        to each gene's training range."""
+    def predict(self, cell_index, compound_index, aggregate=None, clip=None, dtype=np.float32):
+        """[rows, genes]: the voting members combined by `aggregate` (mean, median or weighted by 1 / CV^2),
+        optionally clipped to each gene's training range; both default to the run's own `[aggregate]`
+        settings, so a run's submission is reproduced."""
+        aggregate = aggregate or self.run_aggregate[0]
+        clip = self.run_aggregate[1] if clip is None else clip
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if aggregate == "weighted" and "members.best_score" not in self.arrays:
+            raise ValueError("weighted aggregation needs the members' CV scores, which this export predates;"
+                             " export the run again")
         members = self.member_predictions(cell_index, compound_index, dtype)[self.votes]
         if aggregate == "median":
             prediction = np.median(members, axis=0)
         else:
-            weights = self.weights[self.votes] if aggregate == "weighted" else np.ones(len(members))
+            weights = member_weights(self.arrays["members.best_score"]) if aggregate == "weighted" else None
+            weights = np.ones(len(members)) if weights is None else weights[self.votes]
             prediction = np.einsum("m,mrg->rg", (weights / weights.sum()).astype(dtype), members)
         if clip:
             prediction = np.clip(prediction, self.arrays["clip_min"], self.arrays["clip_max"])

@@ -84,7 +84,7 @@ def test_resume_after_sigkill_is_bit_identical(runs):
     assert any(k.startswith("opt_state.") and k.endswith("mu.head.kernel") for k in a) and "best_params.head.kernel" in a
 
 
-def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path):
+def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, capsys):
     import jax
     import jax.numpy as jnp
 
@@ -93,8 +93,9 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path):
     from scp_jax.engine.ensemble import compiled_ensemble
     from scp_jax.engine.members import MemberTable
     from scp_jax.engine.trainer import kfold_assignment, member_specs
-    from scp_jax.export import export_run, main as export_main
+    from scp_jax.export import export_run, main as export_main, write_npz
     from scp_jax.features.tables import FeatureTables
+    from scp_jax.predict import main as predict_main
     from scp_jax.predictor import Predictor
 
     model = tmp_path / "model.npz"
@@ -125,10 +126,21 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path):
     numpy_csv = pd.read_csv(out).to_numpy()[:, 1:].astype(np.float64)
     np.testing.assert_allclose(numpy_csv, reference, atol=1e-5)
 
-    predictor = Predictor(*export_run(runs["straight"], "last"))
+    arrays, manifest = export_run(runs["straight"], "last")
+    predictor = Predictor(arrays, manifest)
     np.testing.assert_allclose(predictor.predict(cells, compounds, dtype=np.float64), reference, atol=1e-5)
     clipped = predictor.predict(cells, compounds, aggregate="median", clip=True)
     assert (clipped >= predictor.arrays["clip_min"]).all() and (clipped <= predictor.arrays["clip_max"]).all()
+
+    # An export from before the members' scores were exported cannot weigh them: one line, nothing written.
+    del arrays["members.best_score"]
+    write_npz(tmp_path / "old.npz", arrays, manifest)
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(tmp_path / "old.npz"), "--id-map", str(id_map), "--out", str(tmp_path / "old.csv"),
+                      "--aggregate", "weighted"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1 and "export the run again" in error, error
+    assert not (tmp_path / "old.csv").exists()
 
 
 TWO_DEVICES = textwrap.dedent("""

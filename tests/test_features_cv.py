@@ -214,7 +214,9 @@ def test_engine_with_chemberta_file_descriptors_and_svd_genes(small_world, train
     ["model.layer_norm=true", "model.activation='gelu'", "targets.svd=8", "aggregate.method='median'"],
     ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'",  # genes: saturation
      "aggregate.method='weighted'"],
-], ids=["mlp", "mlp-layer-norm", "factorized"])
+    ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'", "targets.svd=8",  # the default's
+     "targets.loss_space='components'", "aggregate.method='weighted'", "aggregate.clip_to_train_range=true"],
+], ids=["mlp", "mlp-layer-norm", "factorized-genes", "factorized-components"])
 def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(small_world, train, tmp_path, model):
     from scp_jax.engine.checkpoint import Checkpointer
     from scp_jax.export import export_run
@@ -233,9 +235,10 @@ def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(s
     assert [row["scheme"] for row in manifest["members"]] == ["b_myeloid"] * 4
     predictor = Predictor(arrays, manifest)
     np.testing.assert_array_equal(predictor.folds, result.members.fold)
-    assert predictor.votes.all() and len(np.unique(predictor.weights)) == 4  # each member its own CV
-    np.testing.assert_allclose(predictor.predict(queries.cell_index, queries.compound_index, config.aggregate.method,
-                                                 dtype=np.float64), result.test_predictions, atol=1e-4)
+    assert predictor.votes.all() and len(np.unique(arrays["members.best_score"])) == 4  # each member its own CV
+    # By default the predictor aggregates (and clips) as the run's config says.
+    np.testing.assert_allclose(predictor.predict(queries.cell_index, queries.compound_index, dtype=np.float64),
+                               result.test_predictions, atol=1e-4)
 
 
 def test_cli_full_scheme_keeps_the_last_epoch_and_writes_null_cv(small_world, tmp_path, capsys):

@@ -71,3 +71,10 @@ def test_numpy_predictor_refuses_what_it_cannot_run():
     for architecture in ("transformer", "gru", "resmlp"):
         with pytest.raises(ValueError, match=f"runs mlp and factorized models; this is a '{architecture}' model"):
             Predictor({}, {"format": FORMAT, "architecture": architecture, "model": {}})
+    manifest = {"format": FORMAT, "architecture": "mlp", "model": {}, "members": [{"fold": 0}] * 2}
+    with pytest.raises(ValueError, match="no member kept a best epoch"):
+        Predictor({"members.best_epoch": np.array([-1, -1])}, manifest)
+    predictor = Predictor({"members.best_epoch": np.array([3, -1])}, manifest)  # an export without CV scores
+    for aggregate, message in (("weighted", "export the run again"), ("max", "aggregate must be one of")):
+        with pytest.raises(ValueError, match=message):
+            predictor.predict(np.zeros(1, int), np.zeros(1, int), aggregate)

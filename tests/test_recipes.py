@@ -15,7 +15,7 @@ RECIPES = sorted(p.stem for p in CONFIGS.glob("*.toml"))
 
 
 def test_the_recipes_are_all_there():
-    assert {"default", "ci", "first_place", "second_place", "third_place"} <= set(RECIPES)
+    assert {"default", "ci", "first_place", "second_place", "third_place", "transformer"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -21,6 +21,7 @@ from scp_jax.engine.members import MemberTable
 from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables, target_decoder
 from scp_jax.metrics import BASELINES, fit_baselines, mrrmse
+from scp_jax.predictor import member_weights as cv_weights
 
 
 def padded_rows(masks):
@@ -122,7 +123,7 @@ def member_weights(config, member_cv):
     """Aggregation weights: 1 / CV^2 for `weighted` (1 for a member without a score), else 1."""
     if config.aggregate.method != "weighted":
         return np.ones(len(member_cv), np.float32)
-    return np.where(np.isfinite(member_cv), 1.0 / np.square(member_cv), 1.0).astype(np.float32)
+    return cv_weights(member_cv)
 
 
 def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None, checkpointer=None,
