@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -245,14 +246,24 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
 
-def test_two_process_cli_run_matches_one_process(runs, tmp_path, coordinator_address):
+def test_two_process_cli_run_killed_and_resumed_matches_one_process(runs, tmp_path, coordinator_address):
     """Two localhost processes, one CPU device each, train the run's members between them; process 0 alone
-    writes the run dir (under the name it chose), the checkpoints are written jointly."""
-    environ = env(runs["tmp"], SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=coordinator_address,
-                  SCP_JAX_NUM_PROCESSES="2")
+    writes the run dir (under the name it chose), the checkpoints are written jointly. Both are SIGKILLed
+    after epoch 4 and the run resumes, again as two processes."""
+    with socket.socket() as probe:  # the resumed run's coordinator: the killed one's port may linger
+        probe.bind(("localhost", 0))
+        resume_address = f"localhost:{probe.getsockname()[1]}"
+
+    def launch(address, *args, **extra):
+        environ = env(runs["tmp"], SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=address,
+                      SCP_JAX_NUM_PROCESSES="2", **extra)
+        return [cli("scp_jax.train", *args, environ=dict(environ, SCP_JAX_PROCESS_ID=str(i))) for i in range(2)]
+
     data = ["--data", runs["world"] / "de_train.parquet"]
-    processes = [cli("scp_jax.train", *data, "--out", tmp_path / "run", *RUN,
-                     environ=dict(environ, SCP_JAX_PROCESS_ID=str(i))) for i in range(2)]
+    for process in launch(coordinator_address, *data, "--out", tmp_path / "run", *RUN, **{STALL_ENV: "4"}):
+        kill_when_stalled(process, epoch=4)
+    assert latest_step(tmp_path / "run" / "checkpoints") == 3
+    processes = launch(resume_address, "--resume", tmp_path / "run")
     try:
         outputs = [finish(process) for process in processes]
     finally:

@@ -139,7 +139,7 @@ def corruption_guard(path, step):
 
 def host_targets(saved):
     """Targets for an item as saved, placed on the host CPU whatever devices wrote it."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     return {name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=cpu) for name, meta in saved.items()}
 
 
