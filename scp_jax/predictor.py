@@ -161,8 +161,8 @@ class Predictor:
         if aggregate == "median":
             prediction = np.median(members, axis=0)
         else:
-            weights = member_weights(self.arrays["members.best_score"]) if aggregate == "weighted" else None
-            weights = np.ones(len(members)) if weights is None else weights[self.votes]
+            weights = (member_weights(self.arrays["members.best_score"])[self.votes] if aggregate == "weighted"
+                       else np.ones(len(members)))
             prediction = np.einsum("m,mrg->rg", (weights / weights.sum()).astype(dtype), members)
         if clip:
             prediction = np.clip(prediction, self.arrays["clip_min"], self.arrays["clip_max"])

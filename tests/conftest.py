@@ -32,8 +32,10 @@ def reference_dir():
 
 
 @pytest.fixture
-def coordinator_address():
-    """localhost:PORT on a free port, for a JAX distributed run of local processes."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return f"localhost:{probe.getsockname()[1]}"
+def free_address():
+    """A function giving localhost:PORT on a free port, for a JAX distributed run of local processes."""
+    def address():
+        with socket.socket() as probe:
+            probe.bind(("localhost", 0))
+            return f"localhost:{probe.getsockname()[1]}"
+    return address

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -246,24 +245,20 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
 
-def test_two_process_cli_run_killed_and_resumed_matches_one_process(runs, tmp_path, coordinator_address):
+def test_two_process_cli_run_killed_and_resumed_matches_one_process(runs, tmp_path, free_address):
     """Two localhost processes, one CPU device each, train the run's members between them; process 0 alone
     writes the run dir (under the name it chose), the checkpoints are written jointly. Both are SIGKILLed
     after epoch 4 and the run resumes, again as two processes."""
-    with socket.socket() as probe:  # the resumed run's coordinator: the killed one's port may linger
-        probe.bind(("localhost", 0))
-        resume_address = f"localhost:{probe.getsockname()[1]}"
-
     def launch(address, *args, **extra):
         environ = env(runs["tmp"], SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=address,
                       SCP_JAX_NUM_PROCESSES="2", **extra)
         return [cli("scp_jax.train", *args, environ=dict(environ, SCP_JAX_PROCESS_ID=str(i))) for i in range(2)]
 
     data = ["--data", runs["world"] / "de_train.parquet"]
-    for process in launch(coordinator_address, *data, "--out", tmp_path / "run", *RUN, **{STALL_ENV: "4"}):
+    for process in launch(free_address(), *data, "--out", tmp_path / "run", *RUN, **{STALL_ENV: "4"}):
         kill_when_stalled(process, epoch=4)
     assert latest_step(tmp_path / "run" / "checkpoints") == 3
-    processes = launch(resume_address, "--resume", tmp_path / "run")
+    processes = launch(free_address(), "--resume", tmp_path / "run")  # a new port: the killed one's may linger
     try:
         outputs = [finish(process) for process in processes]
     finally:

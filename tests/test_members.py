@@ -163,10 +163,10 @@ def run_on_devices(devices, config, processes=1, coordinator=None):
     return results[0]
 
 
-def test_sharded_over_8_devices_and_2_processes_equals_one_device(coordinator_address):
+def test_sharded_over_8_devices_and_2_processes_equals_one_device(free_address):
     config = BASE + ["ensemble=6", "sweep.dropout=[0.1]"]  # 6 members pad to 8 on 8 devices
     one, eight = run_on_devices(1, config), run_on_devices(8, config)
-    two_hosts = run_on_devices(4, config, processes=2, coordinator=coordinator_address)
+    two_hosts = run_on_devices(4, config, processes=2, coordinator=free_address())
     assert eight["sharded"] == 8 and two_hosts["sharded"] == 4
     for sharded in (eight, two_hosts):
         np.testing.assert_allclose(sharded["cv"], one["cv"], atol=1e-5)

@@ -47,8 +47,9 @@ def _expected_on_grid(grid, scale):
 
 @functools.cache
 def _noise_correction():
-    """E[y(t + N(0, 1))] - y(t) on the uniform grid t = 0, _STEP, ..., _CORRECTION_END. Smooth and odd in t; beyond the grid it is within 1e-4 of the last value
-    (its limit is 0.5 / ln 10, half of y'' = 1 / ln 10)."""
+    """E[y(t + N(0, 1))] - y(t) on the uniform grid t = 0, _STEP, ..., _CORRECTION_END. Smooth and odd
+    in t; beyond the grid it is within 1e-4 of the last value (its limit is 0.5 / ln 10, half of
+    y'' = 1 / ln 10)."""
     grid = np.arange(round(_CORRECTION_END / _STEP) + 1) * _STEP
     return _expected_on_grid(grid, 1.0) - signed_log10_p(grid)
 
