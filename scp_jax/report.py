@@ -64,6 +64,15 @@ def _score(value):
 
 def write_report(run_dir):
     """Draw RUN_DIR/report.png (atomically) from its metrics.jsonl and cv.json; returns the png's path."""
+    path = Path(run_dir) / "report.png"
+    fig = draw(run_dir)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def draw(run_dir):
+    """The report's matplotlib Figure: validation curves, train loss, and the spread of member scores."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -107,8 +116,10 @@ def write_report(run_dir):
             curves.axhline(y, ls="--", lw=1.2, color=color, label=label)
         if lines:
             curves.legend(fontsize="small")
-        # Early epochs far above every reference line would flatten the part worth seeing.
-        top = 1.15 * max((y for y, _ in lines.values()), default=np.inf)
+        # Early epochs far above every reference line and every member's best would flatten the part
+        # worth seeing; a fold whose whole curve sits above the references stays in view.
+        best = max(np.nanmin(v) for v in val if np.isfinite(v).any())
+        top = max(1.15 * max((y for y, _ in lines.values()), default=np.inf), 1.05 * best)
         if np.nanmin(val) < top < np.nanmax(val):
             curves.set_ylim(top=top)
     else:
@@ -144,10 +155,7 @@ def write_report(run_dir):
     folds = f", {cv['folds']} folds" if cv.get("folds") else ""
     score = f"ensemble CV MRRMSE {ensemble:.4f}" if np.isfinite(ensemble) else "no ensemble CV score"
     fig.suptitle(f"cv {cv['scheme']}{folds}  |  {n} members  |  {score}")
-    path = run_dir / "report.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return fig
 
 
 @cli_main

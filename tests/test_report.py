@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from scp_jax.report import main, write_report
+from scp_jax.report import draw, main, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASELINES = {"zeros": 1.29, "cell_mean": 1.24, "cell_median": 1.25, "compound_mean": 1.27,
@@ -50,6 +50,14 @@ def test_report_kfold(tmp_path):
     make_run(tmp_path, val, running, statuses=["completed", "completed", "early_stopped", "completed"])
     assert write_report(tmp_path) == tmp_path / "report.png"
     check_png(tmp_path)
+
+
+def test_curves_zoom_past_early_epochs_but_keep_every_best_in_view(tmp_path):
+    val = [[9.0, 1.3, 1.2, 1.18],  # a first epoch far above everything
+           [2.4, 2.1, 2.0, 2.05]]  # a hard fold: its whole curve above every reference line
+    make_run(tmp_path, val, [[True] * 4] * 2)
+    bottom, top = draw(tmp_path).axes[0].get_ylim()
+    assert 2.0 < top < 9.0 and bottom < 1.17
 
 
 def test_report_full_without_scores(tmp_path):
