@@ -45,6 +45,7 @@ class OptimConfig:
     learning_rate: float = 1e-3  # the peak learning rate
     weight_decay: float = 1e-4
     clip_norm: float = 1.0
+    l2: float = 0.0  # a Gaussian prior on the dense weights, worth `l2` observations per weight (engine/losses.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class SweepConfig:
     learning_rate: tuple[float, ...] = ()
     weight_decay: tuple[float, ...] = ()
     clip_norm: tuple[float, ...] = ()
+    l2: tuple[float, ...] = ()
     dropout: tuple[float, ...] = ()
     input_mask: tuple[float, ...] = ()
 
@@ -178,7 +180,7 @@ class Config:
             raise UserError(f"config: patience must be >= 0, got {self.patience}")
         if self.precision not in PRECISIONS:
             raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for key in ("learning_rate", "weight_decay", "clip_norm", "dropout", "input_mask", "warmup"):
+        for key in ("learning_rate", "weight_decay", "clip_norm", "l2", "dropout", "input_mask", "warmup"):
             section = "optim" if hasattr(self.optim, key) else "model"
             for value in (getattr(getattr(self, section), key), *getattr(self.sweep, key)):
                 _check_hyperparameter(key, value)
@@ -202,8 +204,8 @@ def _check_hyperparameter(key, value):
         raise UserError(f"config: {key} must be in [0, 1), got {value}")
     if key in ("learning_rate", "clip_norm") and value <= 0:
         raise UserError(f"config: {key} must be > 0, got {value}")
-    if key == "weight_decay" and value < 0:
-        raise UserError(f"config: weight_decay must be >= 0, got {value}")
+    if key in ("weight_decay", "l2") and value < 0:
+        raise UserError(f"config: {key} must be >= 0, got {value}")
 
 
 def _coerce(key, value, kind):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from scp_jax.config import load_config
-from scp_jax.engine.losses import LOSSES, mixed_loss
+from scp_jax.engine.losses import LOSSES, dense_weight_norm, mixed_loss
 
 
 def reference(name, pred, target, delta=1.0):
@@ -62,3 +62,21 @@ def test_mixed_loss_is_the_weighted_sum_of_references():
             + 0.24 * reference("logcosh", pred, target) + 0.2 * reference("bce", pred, target)
             + 0.5 * reference("huber", pred, target, delta=2.0))
     np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def test_the_l2_prior_covers_dense_kernels_and_biases_only():
+    """MLP with LayerNorm: the norms are free. Factorized: both embeddings (biases included, else the
+    CP scale could slip out through them) and the loadings; the offset and the per-gene cap are free."""
+    from flax import nnx
+
+    from scp_jax.models.factorized import Factorized
+    from scp_jax.models.mlp import MLP
+
+    mlp = MLP(5, (4, 3), 2, layer_norm=True, rngs=nnx.Rngs(0))
+    factorized = Factorized((3, 4, 0, 0), 7, rank=2, rngs=nnx.Rngs(0))
+    factorized.offset[...] = jnp.full(7, 5.0)
+    for model, dense in ((mlp, [*mlp.layers, mlp.head]), (factorized, [factorized.cell, factorized.compound,
+                                                                     factorized.loadings])):
+        want = sum(np.sum(np.asarray(getattr(layer, name)[...], np.float64) ** 2)
+                   for layer in dense for name in ("kernel", "bias") if getattr(layer, name, None) is not None)
+        np.testing.assert_allclose(dense_weight_norm(nnx.state(model, nnx.Param)), want, rtol=1e-6)

@@ -54,6 +54,20 @@ def test_sweep_member_equals_that_member_alone_with_its_hyperparameters():
     assert not np.allclose(member_leaves(ensemble.state, 5)[0], member_leaves(ensemble.state, 7)[0])
 
 
+def test_l2_prior_per_member_shrinks_only_its_member():
+    """`sweep.l2`: the member with the prior equals that member alone, and ends with smaller dense
+    weights than its twin (same seed and fold) without it."""
+    train = toy_train()
+    config = load_config(None, BASE + ["ensemble=1", "optim.learning_rate=1e-2", "sweep.l2=[0.0, 3000.0]"])
+    ensemble = train_ensemble(config, train)
+    assert [row["l2"] for row in ensemble.members.rows()] == [0.0, 3000.0]
+    alone = train_ensemble(config, train, members=MemberTable.single(config, seed=0, fold=0, l2=3000.0))
+    for stacked, single in zip(member_leaves(ensemble.state, 1), member_leaves(alone.state, 0)):
+        np.testing.assert_allclose(stacked, single, atol=1e-5)
+    norms = [sum(np.sum(leaf ** 2) for leaf in member_leaves(ensemble.state, i)) for i in (0, 1)]
+    assert norms[1] < 0.8 * norms[0]
+
+
 def test_diverging_member_is_frozen_at_its_best_and_others_are_unaffected():
     train = toy_train()
     config = load_config(None, BASE + ["ensemble=2", "epochs=4", "sweep.learning_rate=[3e-3, 1e6]",

@@ -13,7 +13,7 @@ import numpy as np
 
 from scp_jax.config import OPTIMIZERS, SCHEDULES
 
-HYPERPARAMETERS = ("optimizer", "schedule", "warmup", "learning_rate", "weight_decay", "clip_norm", "dropout",
+HYPERPARAMETERS = ("optimizer", "schedule", "warmup", "learning_rate", "weight_decay", "clip_norm", "l2", "dropout",
                    "input_mask")
 CATEGORIES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}  # stored as indices into these
 
@@ -58,8 +58,8 @@ class MemberTable:
                    {k: np.array([_code(k, v)], np.float32) for k, v in values.items()}, config.cv)
 
     def program_options(self):
-        """The optional program parts some member needs: "dropout", "input_mask", "lion"."""
-        used = {name for name in ("dropout", "input_mask") if self.hparams[name].any()}
+        """The optional program parts some member needs: "dropout", "input_mask", "l2", "lion"."""
+        used = {name for name in ("dropout", "input_mask", "l2") if self.hparams[name].any()}
         if (self.hparams["optimizer"] == OPTIMIZERS.index("lion")).any():
             used.add("lion")
         return frozenset(used)
