@@ -200,8 +200,8 @@ def _stage_data(config, train, queries, fitted, pseudo_targets):
     row_weight = None
     if pseudo_targets is not None:
         index = tuple(np.concatenate([a, b]) for a, b in zip(index, (queries.cell_index, queries.compound_index)))
-        n_pseudo = len(queries.cell_index)
-        row_weight = np.concatenate([np.ones(len(train.targets)), np.full(n_pseudo, config.pseudo_labels.weight)])
+        row_weight = np.concatenate([np.ones(len(train.targets)),
+                                     np.full(len(queries.cell_index), config.pseudo_labels.weight)])
         row_weight = row_weight.astype(np.float32)
     data = Data(train.targets, *index, fitted.tables, fitted.decoder, pseudo_targets, row_weight, fitted.fit_targets)
     if fitted.decoder is not None and config.targets.loss_space == "components":
