@@ -136,7 +136,13 @@ class Predictor:
         if "params.log_cap" in self.arrays:  # the learned saturation of gene-space models
             cap = np.exp(self._param("params.log_cap", dtype))[:, None, None]
             out = cap * np.tanh(out / cap)
-        return out + self._param("params.offset", dtype)[:, None, :]
+        out = out + self._param("params.offset", dtype)[:, None, :]
+        if "params.cell_log_scale" in self.arrays:  # each pair's size (cell type's + the pair's deviation)
+            cell, compound = cell.astype(dtype), compound.astype(dtype)
+            log_scale = (cell @ self._param("params.cell_log_scale", dtype)[:, :, None]
+                         + np.sum((cell @ self._param("params.pair_log_scale", dtype)) * compound, -1, keepdims=True))
+            out = out * np.exp(log_scale)
+        return out
 
     def _param(self, name, dtype):
         return self.arrays[name].astype(dtype)

@@ -212,8 +212,8 @@ def test_engine_with_chemberta_file_descriptors_and_svd_genes(small_world, train
 @pytest.mark.parametrize("model", [
     ["targets.svd=8"],
     ["model.layer_norm=true", "model.activation='gelu'", "targets.svd=8", "aggregate.method='median'"],
-    ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'",  # genes: saturation
-     "aggregate.method='weighted'"],
+    ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'",  # genes: saturation, row sizes
+     "model.row_scale=true", "optim.l2=5.0", "aggregate.method='weighted'"],
     ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'", "targets.svd=8",  # the default's
      "targets.loss_space='components'", "aggregate.method='weighted'", "aggregate.clip_to_train_range=true"],
 ], ids=["mlp", "mlp-layer-norm", "factorized-genes", "factorized-components"])
@@ -231,7 +231,7 @@ def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(s
     if config.targets.svd:
         assert arrays["decoder.basis"].shape == (6, 8, len(train.genes))
     else:
-        assert "params.log_cap" in arrays
+        assert {"params.log_cap", "params.pair_log_scale"} <= arrays.keys()
     assert [row["scheme"] for row in manifest["members"]] == ["b_myeloid"] * 4
     predictor = Predictor(arrays, manifest)
     np.testing.assert_array_equal(predictor.folds, result.members.fold)

@@ -49,6 +49,20 @@ def test_rows_are_independent_of_their_batch_and_dropout_needs_a_key(kind):
     np.testing.assert_array_equal(no_key, out)
 
 
+def test_factorized_row_scale_equals_numpy_reference_and_starts_at_one():
+    """exp(cell @ s + cell @ D @ compound) times the plain prediction, in float64; at initialization
+    (s = 0, D = 0) every row keeps its plain size."""
+    plain, scaled = small_model("factorized"), small_model("factorized", row_scale="true")
+    x = np.asarray(jax.random.normal(jax.random.key(1), (7, 10)))
+    np.testing.assert_allclose(scaled(jnp.asarray(x)), plain(jnp.asarray(x)), atol=1e-6)
+    rng = np.random.default_rng(0)
+    s, pair = rng.normal(size=5) * 0.3, rng.normal(size=(5, 5)) * 0.3  # cell + fold_cell = 5, compound + fold_compound = 5
+    scaled.cell_log_scale[...], scaled.pair_log_scale[...] = jnp.asarray(s, jnp.float32), jnp.asarray(pair, jnp.float32)
+    cell, compound = np.c_[x[:, :3], x[:, 6:8]], np.c_[x[:, 3:6], x[:, 8:10]]  # layout (3, 3, 2, 2)
+    want = np.asarray(plain(jnp.asarray(x)), np.float64) * np.exp(cell @ s + np.sum((cell @ pair) * compound, 1))[:, None]
+    np.testing.assert_allclose(scaled(jnp.asarray(x)), want, rtol=2e-5)
+
+
 def test_tokenize_pads_and_keeps_order():
     x = jnp.arange(10.0)[None]
     tokens = tokenize(x, 4)

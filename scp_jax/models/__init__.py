@@ -18,7 +18,8 @@ def build_model(config, layout, out_features, rngs):
     if m.kind == "resmlp":
         return ResMLP(in_features, m.hidden, out_features, activation=m.activation, **common)
     if m.kind == "factorized":
-        return Factorized(layout, out_features, rank=m.rank, saturate=not config.targets.svd, **common)
+        return Factorized(layout, out_features, rank=m.rank, saturate=not config.targets.svd, row_scale=m.row_scale,
+                          **common)
     tokens = dict(tokens=m.tokens, width=m.width, depth=m.depth)
     if m.kind == "cnn":
         return CNN(in_features, out_features, kernel_size=m.kernel_size, activation=m.activation, **tokens, **common)

@@ -9,6 +9,12 @@ and w_k from the compound's 4 T and NK rows, so each is learned where the data h
 When it predicts genes, a learned tanh saturation, `cap * tanh(raw / cap)`, bounds each gene's
 effect the way strong responses saturate, so the loadings need not bend to fit the tails. (With
 SVD targets it predicts components, where a per-gene cap has no meaning.)
+
+With `row_scale`, the whole prediction is multiplied by exp(cell @ s + cell @ D @ compound): a size per
+cell type and a deviation per (cell type, compound) pair. A row's measured effect scales with how
+many cells it had, and a third of the rows have few: each training pair learns its own size, so a
+damped row teaches the effect's shape at its own size, and a pair never trained on (a query, a
+validation row) keeps D's starting zero and is predicted at its cell type's typical size.
 """
 
 import jax.numpy as jnp
@@ -19,8 +25,8 @@ from scp_jax.models.mlp import maybe_dropout
 
 
 class Factorized(nnx.Module):
-    def __init__(self, layout, out_features, *, rank=16, saturate=True, cap=1.0, dtype=None, param_dtype=jnp.float32,
-                 rngs):
+    def __init__(self, layout, out_features, *, rank=16, saturate=True, cap=1.0, row_scale=False, dtype=None,
+                 param_dtype=jnp.float32, rngs):
         """`layout`: the widths of the four feature parts (FeatureTables.layout); `cap`: where the
         saturation starts out (it is learned)."""
         self.layout = tuple(layout)
@@ -33,6 +39,9 @@ class Factorized(nnx.Module):
         self.loadings = nnx.Linear(rank, out_features, use_bias=False, **dense)
         self.offset = nnx.Param(jnp.zeros(out_features, param_dtype))
         self.log_cap = nnx.Param(jnp.log(jnp.asarray(cap, param_dtype))) if saturate else None
+        self.cell_log_scale = nnx.Param(jnp.zeros(cell + fold_cell, param_dtype)) if row_scale else None
+        self.pair_log_scale = (nnx.Param(jnp.zeros((cell + fold_cell, compound + fold_compound), param_dtype))
+                               if row_scale else None)
 
     def __call__(self, x, *, dropout_rate=0.0, key=None):
         cell, compound = split_sides(x, self.layout)
@@ -41,4 +50,10 @@ class Factorized(nnx.Module):
         if self.log_cap is not None:
             cap = jnp.exp(self.log_cap[...].astype(jnp.float32))
             out = cap * jnp.tanh(out / cap)
-        return out + self.offset[...].astype(jnp.float32)
+        out = out + self.offset[...].astype(jnp.float32)
+        if self.cell_log_scale is not None:
+            cell, compound = cell.astype(jnp.float32), compound.astype(jnp.float32)
+            log_scale = cell @ self.cell_log_scale[...].astype(jnp.float32) + jnp.sum(
+                (cell @ self.pair_log_scale[...].astype(jnp.float32)) * compound, axis=-1)
+            out = out * jnp.exp(log_scale)[..., None]
+        return out
