@@ -46,7 +46,7 @@ class OptimConfig:
     learning_rate: float = 1e-3  # the peak learning rate
     weight_decay: float = 1e-4
     clip_norm: float = 1.0
-    l2: float = 0.0  # a Gaussian prior on the weights, worth `l2` observations per weight (engine/losses.prior_norm)
+    l2: float = 0.0  # a Gaussian prior on the dense weights, worth `l2` observations per weight (engine/losses.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from scp_jax.config import load_config
-from scp_jax.engine.losses import LOSSES, mixed_loss, prior_norm
+from scp_jax.engine.losses import LOSSES, dense_weight_norm, mixed_loss
 
 
 def reference(name, pred, target, delta=1.0):
@@ -66,21 +66,17 @@ def test_mixed_loss_is_the_weighted_sum_of_references():
 
 def test_the_l2_prior_covers_dense_kernels_and_biases_only():
     """MLP with LayerNorm: the norms are free. Factorized: both embeddings (biases included, else the
-    CP scale could slip out through them), the loadings and the pair sizes; the offset, the cap and
-    the cell-type sizes are free."""
+    CP scale could slip out through them) and the loadings; the offset and the per-gene cap are free."""
     from flax import nnx
 
     from scp_jax.models.factorized import Factorized
     from scp_jax.models.mlp import MLP
 
     mlp = MLP(5, (4, 3), 2, layer_norm=True, rngs=nnx.Rngs(0))
-    factorized = Factorized((3, 4, 0, 0), 7, rank=2, row_scale=True, rngs=nnx.Rngs(0))
+    factorized = Factorized((3, 4, 0, 0), 7, rank=2, rngs=nnx.Rngs(0))
     factorized.offset[...] = jnp.full(7, 5.0)
-    factorized.cell_log_scale[...] = jnp.full(3, 2.0)
-    factorized.pair_log_scale[...] = jnp.full((3, 4), 0.5)
     for model, dense in ((mlp, [*mlp.layers, mlp.head]), (factorized, [factorized.cell, factorized.compound,
                                                                      factorized.loadings])):
         want = sum(np.sum(np.asarray(getattr(layer, name)[...], np.float64) ** 2)
                    for layer in dense for name in ("kernel", "bias") if getattr(layer, name, None) is not None)
-        want += 12 * 0.25 if model is factorized else 0.0
-        np.testing.assert_allclose(prior_norm(nnx.state(model, nnx.Param)), want, rtol=1e-6)
+        np.testing.assert_allclose(dense_weight_norm(nnx.state(model, nnx.Param)), want, rtol=1e-6)

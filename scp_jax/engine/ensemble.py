@@ -21,7 +21,7 @@ from flax import nnx, struct
 
 from scp_jax.data.pvalues import expected_y_of_t
 from scp_jax.engine import optim
-from scp_jax.engine.losses import mixed_loss, prior_norm
+from scp_jax.engine.losses import dense_weight_norm, mixed_loss
 from scp_jax.metrics import masked_mrrmse_jax
 from scp_jax.models import build_model
 
@@ -193,7 +193,7 @@ class Ensemble:
         loss = jnp.sum(self.loss(pred, target) * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
         if "l2" in self.options:  # the loss is a mean over the member's rows and outputs: so is the prior
             n_observations = jnp.sum(spec.train_mask) * pred.shape[-1]
-            loss = loss + spec.hparams["l2"] * prior_norm(params) / n_observations
+            loss = loss + spec.hparams["l2"] * dense_weight_norm(params) / n_observations
         return loss
 
     def _epoch(self, state, spec, data, steps):

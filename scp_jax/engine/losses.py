@@ -50,19 +50,18 @@ def scale_free(pred, target):
     return mse(a * pred, target)
 
 
-def prior_norm(params):
-    """Sum of squares of what `optim.l2` puts a Gaussian prior on: every dense layer's kernel and bias,
-    and a factorized model's pair sizes (`row_scale`), which the prior centres on their cell type's.
+def dense_weight_norm(params):
+    """Sum of squares of every dense layer's kernel and bias: what `optim.l2` puts a Gaussian prior on.
 
     Unlike AdamW's decoupled weight decay, the prior is part of the loss, so it weighs against the
     data as a prior would: a weight the data barely determines (a compound's embedding in a direction
     its cell types hardly see) is pulled to zero, a well-determined one hardly moves. LayerNorm
-    parameters and a factorized model's offset, cap and cell-type sizes stay free.
+    parameters and a factorized model's offset and cap are not dense weights and stay free.
     """
     total = 0.0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]  # not Param's .value
-        if names[-1] in ("kernel", "bias", "pair_log_scale") and not any("norm" in name for name in names):
+        if names[-1] in ("kernel", "bias") and not any("norm" in name for name in names):
             total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
     return total
 
