@@ -35,7 +35,7 @@ class ModelConfig:
     heads: int = 4  # transformer
     kernel_size: int = 3  # cnn
     rank: int = 16  # factorized: the embedding size of cell types and compounds
-    row_scale: bool = False  # factorized: each (cell type, compound) pair's own size; unseen pairs get their cell type's
+    row_scale: bool = False  # factorized: each (cell type, compound) pair its own size; unseen pairs their cell type's
 
 
 @dataclasses.dataclass(frozen=True)
