@@ -13,8 +13,10 @@ SVD targets it predicts components, where a per-gene cap has no meaning.)
 With `row_scale`, the whole prediction is multiplied by exp(cell @ s + cell @ D @ compound): a size per
 cell type and a deviation per (cell type, compound) pair. A row's measured effect scales with how
 many cells it had, and a third of the rows have few: each training pair learns its own size, so a
-damped row teaches the effect's shape at its own size, and a pair never trained on (a query, a
-validation row) keeps D's starting zero and is predicted at its cell type's typical size.
+damped row teaches the effect's shape at its own size. A pair never trained on (a query, a
+validation row) keeps D's starting zero and gets exp(cell @ s). (The training rows pin s only
+together with the mean of D over them, so that size is set by the optimization's path, not by the
+data alone: benchmarks/results/default-search.md.)
 """
 
 import jax.numpy as jnp
