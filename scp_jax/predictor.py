@@ -130,15 +130,14 @@ class Predictor:
         cell = concat_present(self._table_rows("cell", cell_index), self._table_rows("fold_cell", cell_index))
         compound = concat_present(self._table_rows("compound", compound_index),
                                 self._table_rows("fold_compound", compound_index))
-        h = self._dense(cell.astype(dtype), "params.cell", dtype) * self._dense(
-            compound.astype(dtype), "params.compound", dtype)
+        cell, compound = cell.astype(dtype), compound.astype(dtype)
+        h = self._dense(cell, "params.cell", dtype) * self._dense(compound, "params.compound", dtype)
         out = self._dense(h, "params.loadings", dtype)
         if "params.log_cap" in self.arrays:  # the learned saturation of gene-space models
             cap = np.exp(self._param("params.log_cap", dtype))[:, None, None]
             out = cap * np.tanh(out / cap)
         out = out + self._param("params.offset", dtype)[:, None, :]
         if "params.cell_log_scale" in self.arrays:  # each pair's size (cell type's + the pair's deviation)
-            cell, compound = cell.astype(dtype), compound.astype(dtype)
             log_scale = (cell @ self._param("params.cell_log_scale", dtype)[:, :, None]
                          + np.sum((cell @ self._param("params.pair_log_scale", dtype)) * compound, -1, keepdims=True))
             out = out * np.exp(log_scale)
