@@ -35,7 +35,8 @@ class ModelConfig:
     heads: int = 4  # transformer
     kernel_size: int = 3  # cnn
     rank: int = 16  # factorized: the embedding size of cell types and compounds
-    row_scale: bool = False  # factorized: each (cell type, compound) pair its own size; unseen pairs their cell type's
+    row_scale: bool = False  # factorized, one-hot features: each (cell type, compound) pair its own size;
+    # unseen pairs the median of their cell type's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +161,9 @@ class Config:
                 raise UserError(f"config: model.{key} must be >= 1, got {value}")
         if not self.model.hidden or min(self.model.hidden) < 1:
             raise UserError(f"config: model.hidden must be a non-empty list of widths >= 1, got {list(self.model.hidden)}")
+        if self.model.row_scale and (self.model.kind != "factorized" or list(self.features) != ["onehot"]):
+            raise UserError("config: model.row_scale needs model.kind = 'factorized' and features = ['onehot']"
+                            f" (a size per (cell type, compound) pair), got {self.model.kind!r} and {list(self.features)}")
         if self.model.kind == "transformer" and self.model.width % self.model.heads:
             raise UserError(f"config: model.width ({self.model.width}) must be a multiple of model.heads ({self.model.heads})")
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):

@@ -213,7 +213,7 @@ def test_engine_with_chemberta_file_descriptors_and_svd_genes(small_world, train
     ["targets.svd=8"],
     ["model.layer_norm=true", "model.activation='gelu'", "targets.svd=8", "aggregate.method='median'"],
     ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'",  # genes: saturation, row sizes
-     "model.row_scale=true", "optim.l2=5.0", "aggregate.method='weighted'"],
+     "model.row_scale=true", "optim.l2=5.0", "aggregate.method='weighted'", 'features=["onehot"]'],
     ["model.kind='factorized'", "model.rank=4", "targets.transform='t_statistic'", "targets.svd=8",  # the default's
      "targets.loss_space='components'", "aggregate.method='weighted'", "aggregate.clip_to_train_range=true"],
 ], ids=["mlp", "mlp-layer-norm", "factorized-genes", "factorized-components"])
@@ -222,8 +222,8 @@ def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(s
     from scp_jax.export import export_run
     from scp_jax.predictor import Predictor
 
-    config = load_config(None, ENGINE + model + ['features=["onehot", "target_encoding"]', "cv=b_myeloid",
-                                                 "target_encoding.svd=4", "checkpoint_every=3"])
+    config = load_config(None, ENGINE + ['features=["onehot", "target_encoding"]', "cv=b_myeloid",
+                                         "target_encoding.svd=4", "checkpoint_every=3"] + model)
     queries = load_id_map(small_world / "id_map.csv", train)
     result = train_ensemble(config, train, queries, checkpointer=Checkpointer(tmp_path / "checkpoints", config, train))
     arrays, manifest = export_run(tmp_path)

@@ -63,6 +63,31 @@ def test_factorized_row_scale_equals_numpy_reference_and_starts_at_one():
     np.testing.assert_allclose(scaled(jnp.asarray(x)), want, rtol=2e-5)
 
 
+def test_center_row_scale_gives_unseen_pairs_the_median_trained_size_and_keeps_trained_ones():
+    """After centering, every trained (cell type, compound) pair predicts exactly what it did, and an
+    unseen pair is predicted at the median of its cell type's trained sizes (numpy, float64); a cell
+    type without trained pairs is left alone."""
+    config = load_config(None, ["model.kind='factorized'", "model.row_scale=true", "model.rank=3"])
+    model = build_model(config, (3, 4, 0, 0), 5, nnx.Rngs(0))  # one-hot: 3 cell types, 4 compounds
+    rng = np.random.default_rng(0)
+    s, pair = rng.normal(size=3), rng.normal(size=(3, 4))
+    trained = np.array([[1, 1, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]], bool)
+    pair[~trained] = 0.0  # an untrained pair's D never leaves its starting zero
+    model.cell_log_scale[...], model.pair_log_scale[...] = jnp.asarray(s, jnp.float32), jnp.asarray(pair, jnp.float32)
+    cells, compounds = np.meshgrid(np.arange(3), np.arange(4), indexing="ij")
+    x = jnp.asarray(np.c_[np.eye(3)[cells.ravel()], np.eye(4)[compounds.ravel()]], jnp.float32)
+    before = np.asarray(model(x), np.float64).reshape(3, 4, 5)
+    model.center_row_scale(jnp.asarray(trained))
+    after = np.asarray(model(x), np.float64).reshape(3, 4, 5)
+
+    np.testing.assert_allclose(after[trained], before[trained], rtol=1e-5)
+    np.testing.assert_allclose(after[2], before[2], rtol=1e-6)
+    log_size = s[:, None] + pair
+    for cell in (0, 1):
+        want = np.exp(np.median(log_size[cell][trained[cell]]) - log_size[cell, 2])  # compound 2: unseen
+        np.testing.assert_allclose(after[cell, 2], before[cell, 2] * want, rtol=1e-5)
+
+
 def test_tokenize_pads_and_keeps_order():
     x = jnp.arange(10.0)[None]
     tokens = tokenize(x, 4)
@@ -77,6 +102,9 @@ def test_model_config_errors():
         load_config(None, ["model.kind=rnn"])
     with pytest.raises(UserError, match="multiple of model.heads"):
         load_config(None, ["model.kind=transformer", "model.width=10", "model.heads=4"])
+    for override in ("model.kind=mlp", 'features=["onehot", "morgan"]'):
+        with pytest.raises(UserError, match="row_scale needs model.kind = 'factorized' and features"):
+            load_config(None, ["model.kind=factorized", "model.row_scale=true", override])
 
 
 def test_numpy_predictor_refuses_what_it_cannot_run():

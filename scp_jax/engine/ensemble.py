@@ -223,12 +223,22 @@ class Ensemble:
         batches = (jnp.arange(steps), rows, weights)
         (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), batches)
         train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1.0)
+        if self.config.model.row_scale:
+            params = self._center_row_scale(params, spec, data)
 
         val = spec.val_rows
         pred = self.apply(params, data.tables, data.decoder, spec.fold, data.cell_index[val], data.compound_index[val])
         has_val = jnp.sum(spec.val_weight) > 0
         val_score = jnp.where(has_val, masked_mrrmse_jax(data.targets[val], pred, spec.val_weight), jnp.nan)
         return self._after_epoch(state, params, opt_state, train_loss, val_score, has_val)
+
+    def _center_row_scale(self, params, spec, data):
+        """Unseen pairs get the median size of their cell type's trained pairs (models/factorized.py)."""
+        model = nnx.merge(self.graphdef, params)
+        trained = jnp.zeros(model.pair_log_scale[...].shape, bool)
+        trained = trained.at[data.cell_index, data.compound_index].max(spec.train_mask)
+        model.center_row_scale(trained)
+        return nnx.state(model, nnx.Param)
 
     def _after_epoch(self, state, params, opt_state, train_loss, val_score, has_val=True):
         """Keep the best parameters (a real copy), stop on patience, freeze a diverged member at its best.

@@ -10,13 +10,14 @@ When it predicts genes, a learned tanh saturation, `cap * tanh(raw / cap)`, boun
 effect the way strong responses saturate, so the loadings need not bend to fit the tails. (With
 SVD targets it predicts components, where a per-gene cap has no meaning.)
 
-With `row_scale`, the whole prediction is multiplied by exp(cell @ s + cell @ D @ compound): a size per
-cell type and a deviation per (cell type, compound) pair. A row's measured effect scales with how
-many cells it had, and a third of the rows have few: each training pair learns its own size, so a
-damped row teaches the effect's shape at its own size. A pair never trained on (a query, a
-validation row) keeps D's starting zero and gets exp(cell @ s). (The training rows pin s only
-together with the mean of D over them, so that size is set by the optimization's path, not by the
-data alone: benchmarks/results/default-search.md.)
+With `row_scale` (one-hot features only), the whole prediction is multiplied by exp(s[cell] +
+D[cell, compound]): a size per cell type and a deviation per (cell type, compound) pair. A row's
+measured effect scales with how many cells it had, and a third of the rows have few: each training
+pair learns its own size, so a damped row teaches the effect's shape at its own size. A pair never
+trained on (a query, a validation row) keeps D's starting zero and gets exp(s[cell]). The training
+rows pin only s + D, so `center_row_scale` moves s to the median of the cell type's training pairs
+after each epoch: an unseen pair is predicted at a typical training pair's size, and no training
+pair's prediction changes. (Without it, s drifted with the optimization: default-search.md.)
 """
 
 import jax.numpy as jnp
@@ -59,3 +60,13 @@ class Factorized(nnx.Module):
                 (cell @ self.pair_log_scale[...].astype(jnp.float32)) * compound, axis=-1)
             out = out * jnp.exp(log_scale)[..., None]
         return out
+
+    def center_row_scale(self, trained):
+        """Set each cell type's size s to the median of D + s over its trained pairs (`trained` [cell
+        types, compounds] bool) and take it out of their D: trained pairs keep their sizes, unseen ones
+        get the median. A cell type without trained pairs keeps its s."""
+        pair = self.pair_log_scale[...]
+        median = jnp.nanmedian(jnp.where(trained, pair, jnp.nan), axis=1)
+        median = jnp.where(jnp.isnan(median), 0.0, median).astype(pair.dtype)
+        self.cell_log_scale[...] = self.cell_log_scale[...] + median
+        self.pair_log_scale[...] = pair - jnp.where(trained, median[:, None], 0.0).astype(pair.dtype)
