@@ -88,6 +88,22 @@ def test_center_row_scale_gives_unseen_pairs_the_median_trained_size_and_keeps_t
         np.testing.assert_allclose(after[cell, 2], before[cell, 2] * want, rtol=1e-5)
 
 
+def test_center_row_scale_keeps_trained_sizes_when_s_is_too_coarse_to_move():
+    """bf16 parameters: a median below half of s's rounding step must not shift every trained pair."""
+    from scp_jax.models.factorized import Factorized
+
+    model = Factorized((2, 3, 0, 0), 4, rank=3, row_scale=True, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model.cell_log_scale[...] = jnp.array([1.0, 0.0], jnp.bfloat16)
+    model.pair_log_scale[...] = jnp.array([[0.00325, 0.00325, 0.0], [0.0, 0.0, 0.0]], jnp.bfloat16)
+
+    def sizes():
+        return np.asarray(model.cell_log_scale[...], np.float32)[:, None] + np.asarray(model.pair_log_scale[...], np.float32)
+
+    before = sizes()
+    model.center_row_scale(jnp.array([[True, True, False], [False, False, False]]))
+    np.testing.assert_array_equal(sizes(), before)
+
+
 def test_tokenize_pads_and_keeps_order():
     x = jnp.arange(10.0)[None]
     tokens = tokenize(x, 4)

@@ -71,7 +71,7 @@ class MemberSpec:
 
     seed: jnp.ndarray  # int
     fold: jnp.ndarray  # int; also the slot of the per-fold tables and target SVD the member uses
-    train_mask: jnp.ndarray  # [n] bool
+    train_mask: jnp.ndarray  # [n + pseudo rows] bool
     val_rows: jnp.ndarray  # [v] row indices, padded to the largest validation set
     val_weight: jnp.ndarray  # [v] 1 for a real validation row, 0 for padding
     hparams: dict  # name -> scalar (see members.HYPERPARAMETERS)

@@ -14,10 +14,11 @@ With `row_scale` (one-hot features only), the whole prediction is multiplied by 
 D[cell, compound]): a size per cell type and a deviation per (cell type, compound) pair. A row's
 measured effect scales with how many cells it had, and a third of the rows have few: each training
 pair learns its own size, so a damped row teaches the effect's shape at its own size. A pair never
-trained on (a query, a validation row) keeps D's starting zero and gets exp(s[cell]). The training
-rows pin only s + D, so `center_row_scale` moves s to the median of the cell type's training pairs
-after each epoch: an unseen pair is predicted at a typical training pair's size, and no training
-pair's prediction changes. (Without it, s drifted with the optimization: default-search.md.)
+trained on (a validation row, a query unless pseudo-labelled) keeps D's starting zero and gets
+exp(s[cell]). The training rows pin only s + D, so after each epoch `center_row_scale` moves s to
+the median of the cell type's trained pairs: an unseen pair is predicted at a typical training
+pair's size, and no trained pair's prediction changes. (Without it, s drifted with the
+optimization's path: benchmarks/results/default-search.md, runs s1 and s2.)
 """
 
 import jax.numpy as jnp
@@ -62,11 +63,14 @@ class Factorized(nnx.Module):
         return out
 
     def center_row_scale(self, trained):
-        """Set each cell type's size s to the median of D + s over its trained pairs (`trained` [cell
-        types, compounds] bool) and take it out of their D: trained pairs keep their sizes, unseen ones
+        """Set each cell type's size s to the median of s + D over its trained pairs (`trained` [cell
+        types, compounds] bool) and take what s moved out of their D, so trained pairs keep their sizes
+        (up to D's rounding; s moves first, so a low-precision s cannot shift them all) and unseen ones
         get the median. A cell type without trained pairs keeps its s."""
-        pair = self.pair_log_scale[...]
+        pair = self.pair_log_scale[...].astype(jnp.float32)
+        cell = self.cell_log_scale[...].astype(jnp.float32)
         median = jnp.nanmedian(jnp.where(trained, pair, jnp.nan), axis=1)
-        median = jnp.where(jnp.isnan(median), 0.0, median).astype(pair.dtype)
-        self.cell_log_scale[...] = self.cell_log_scale[...] + median
-        self.pair_log_scale[...] = pair - jnp.where(trained, median[:, None], 0.0).astype(pair.dtype)
+        new_cell = (cell + jnp.where(jnp.isnan(median), 0.0, median)).astype(self.cell_log_scale[...].dtype)
+        moved = new_cell.astype(jnp.float32) - cell
+        self.cell_log_scale[...] = new_cell
+        self.pair_log_scale[...] = jnp.where(trained, pair - moved[:, None], pair).astype(self.pair_log_scale[...].dtype)
