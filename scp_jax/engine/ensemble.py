@@ -196,8 +196,9 @@ class Ensemble:
             loss = loss + spec.hparams["l2"] * dense_weight_norm(params) / n_observations
         return loss
 
-    def _epoch(self, state, spec, data, steps):
-        """One epoch of one member: shuffle its training rows, `steps` minibatches, validate."""
+    def _epoch(self, state, spec, data, steps, trained=None):
+        """One epoch of one member: shuffle its training rows, `steps` minibatches, validate; `trained`
+        (`row_scale` models): the member's trained pairs, whose median size unseen pairs get."""
         batch_size = self.config.batch_size
         n_rows = spec.train_mask.shape[0]
         key = self.member_key(spec, _SHUFFLE, state.epoch)
@@ -223,8 +224,8 @@ class Ensemble:
         batches = (jnp.arange(steps), rows, weights)
         (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), batches)
         train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1.0)
-        if self.config.model.row_scale:
-            params = self._center_row_scale(params, spec, data)
+        if trained is not None:
+            params = self._center_row_scale(params, trained)
 
         val = spec.val_rows
         pred = self.apply(params, data.tables, data.decoder, spec.fold, data.cell_index[val], data.compound_index[val])
@@ -232,11 +233,14 @@ class Ensemble:
         val_score = jnp.where(has_val, masked_mrrmse_jax(data.targets[val], pred, spec.val_weight), jnp.nan)
         return self._after_epoch(state, params, opt_state, train_loss, val_score, has_val)
 
-    def _center_row_scale(self, params, spec, data):
+    def _trained_pairs(self, params, spec, data):
+        """[cell types, compounds] bool: the pairs among the member's training rows (a row_scale model's D)."""
+        shape = nnx.merge(self.graphdef, params).pair_log_scale[...].shape
+        return jnp.zeros(shape, bool).at[data.cell_index, data.compound_index].max(spec.train_mask)
+
+    def _center_row_scale(self, params, trained):
         """Unseen pairs get the median size of their cell type's trained pairs (models/factorized.py)."""
         model = nnx.merge(self.graphdef, params)
-        trained = jnp.zeros(model.pair_log_scale[...].shape, bool)
-        trained = trained.at[data.cell_index, data.compound_index].max(spec.train_mask)
         model.center_row_scale(trained)
         return nnx.state(model, nnx.Param)
 
@@ -266,7 +270,8 @@ class Ensemble:
         return state, {"train_loss": train_loss, "val_mrrmse": val_score, "running": running}
 
     def _train_chunk_member(self, state, spec, data, n_epochs, steps):
-        return jax.lax.scan(lambda s, _: self._epoch(s, spec, data, steps), state, length=n_epochs)
+        trained = self._trained_pairs(state.params, spec, data) if self.config.model.row_scale else None  # once a chunk
+        return jax.lax.scan(lambda s, _: self._epoch(s, spec, data, steps, trained), state, length=n_epochs)
 
     @jax.jit(static_argnums=0)
     def predict_members(self, params, folds, tables, decoder, cell_index, compound_index):
