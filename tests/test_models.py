@@ -63,10 +63,10 @@ def test_factorized_row_scale_equals_numpy_reference_and_starts_at_one():
     np.testing.assert_allclose(scaled(jnp.asarray(x)), want, rtol=2e-5)
 
 
-def test_center_row_scale_gives_unseen_pairs_the_median_trained_size_and_keeps_trained_ones():
+def test_center_row_scale_gives_unseen_pairs_the_mean_trained_size_and_keeps_trained_ones():
     """After centering, every trained (cell type, compound) pair predicts exactly what it did, and an
-    unseen pair is predicted at the median of its cell type's trained sizes (numpy, float64); a cell
-    type without trained pairs is left alone."""
+    unseen pair is predicted at the log-normal mean of its cell type's trained sizes, exp(median +
+    sd^2 / 2) with sd the pooled MAD (numpy, float64); a cell type without trained pairs is left alone."""
     config = load_config(None, ["model.kind='factorized'", "model.row_scale=true", "model.rank=3"])
     model = build_model(config, (3, 4, 0, 0), 5, nnx.Rngs(0))  # one-hot: 3 cell types, 4 compounds
     rng = np.random.default_rng(0)
@@ -83,8 +83,12 @@ def test_center_row_scale_gives_unseen_pairs_the_median_trained_size_and_keeps_t
     np.testing.assert_allclose(after[trained], before[trained], rtol=1e-5)
     np.testing.assert_allclose(after[2], before[2], rtol=1e-6)
     log_size = s[:, None] + pair
+    medians = {cell: np.median(log_size[cell][trained[cell]]) for cell in (0, 1)}
+    deviations = np.concatenate([log_size[cell][trained[cell]] - medians[cell] for cell in (0, 1)])
+    sd = 1.4826 * np.median(np.abs(deviations))
+    assert sd > 0.1  # the spread term is really tested
     for cell in (0, 1):
-        want = np.exp(np.median(log_size[cell][trained[cell]]) - log_size[cell, 2])  # compound 2: unseen
+        want = np.exp(medians[cell] + sd**2 / 2 - log_size[cell, 2])  # compound 2: unseen
         np.testing.assert_allclose(after[cell, 2], before[cell, 2] * want, rtol=1e-5)
 
 

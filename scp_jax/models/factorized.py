@@ -16,9 +16,13 @@ measured effect scales with how many cells it had, and a third of the rows have 
 pair learns its own size, so a damped row teaches the effect's shape at its own size. A pair never
 trained on (a validation row, a query unless pseudo-labelled) keeps D's starting zero and gets
 exp(s[cell]). The training rows pin only s + D, so after each epoch `center_row_scale` moves s to
-the median of the cell type's trained pairs: an unseen pair is predicted at a typical training
-pair's size, and no trained pair's prediction changes. (Without it, s drifted with the
-optimization's path: benchmarks/results/default-search.md, runs s1 and s2.)
+the expected size of the cell type's trained pairs, and no trained pair's prediction changes.
+(Without it, s drifted with the optimization's path: benchmarks/results/default-search.md, runs s1
+and s2.) Expected, not typical: an unseen pair's size is unknown, and where noise dominates a row's
+error (zeros are a strong baseline here) its RMSE grows with the square of the size error, so the
+best single guess is the mean size. Log sizes are roughly normal: the mean is exp(median + sd^2 / 2),
+with a robust sd (MAD) pooled over cell types, since weak rows pin their sizes poorly and a cell
+type with 13 training pairs is too few to read a spread from (default-search.md, run s3).
 """
 
 import jax.numpy as jnp
@@ -63,14 +67,18 @@ class Factorized(nnx.Module):
         return out
 
     def center_row_scale(self, trained):
-        """Set each cell type's size s to the median of s + D over its trained pairs (`trained` [cell
-        types, compounds] bool) and take what s moved out of their D, so trained pairs keep their sizes
-        (up to D's rounding; s moves first, so a low-precision s cannot shift them all) and unseen ones
-        get the median. A cell type without trained pairs keeps its s."""
+        """Set each cell type's size s to the log of the mean size of its trained pairs (`trained` [cell
+        types, compounds] bool), median(s + D) + sd^2 / 2, and take what s moved out of their D, so
+        trained pairs keep their sizes (up to D's rounding; s moves first, so a low-precision s cannot
+        shift them all) and unseen ones get the mean. sd: 1.4826 x the median absolute deviation of
+        trained log sizes from their cell type's median, over all cell types. A cell type without
+        trained pairs keeps its s."""
         pair = self.pair_log_scale[...].astype(jnp.float32)
         cell = self.cell_log_scale[...].astype(jnp.float32)
         median = jnp.nanmedian(jnp.where(trained, pair, jnp.nan), axis=1)
-        new_cell = (cell + jnp.where(jnp.isnan(median), 0.0, median)).astype(self.cell_log_scale[...].dtype)
+        sd = 1.4826 * jnp.nanmedian(jnp.where(trained, jnp.abs(pair - median[:, None]), jnp.nan))
+        mean = median + jnp.square(sd) / 2
+        new_cell = (cell + jnp.where(jnp.isnan(mean), 0.0, mean)).astype(self.cell_log_scale[...].dtype)
         moved = new_cell.astype(jnp.float32) - cell
         self.cell_log_scale[...] = new_cell
         self.pair_log_scale[...] = jnp.where(trained, pair - moved[:, None], pair).astype(self.pair_log_scale[...].dtype)
