@@ -8,7 +8,7 @@ benchmarks/results/accuracy.{json,md} and each run's report.png as accuracy-RECI
 
     python benchmarks/accuracy.py                         # every recipe, --ensemble 20
     python benchmarks/accuracy.py --recipes default --update            # rerun one recipe, keep the others
-    python benchmarks/accuracy.py --recipes default --set model.rank=48 --name try1
+    python benchmarks/accuracy.py --recipes default --set model.rank=48 --name try1 --keep runs/
 """
 
 import argparse
@@ -87,9 +87,11 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe")
     parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")
     parser.add_argument("--update", action="store_true", help="keep the other recipes' rows of NAME.json")
+    parser.add_argument("--keep", metavar="DIR", help="keep each recipe's run dir as DIR/RECIPE (default: deleted)")
     args = parser.parse_args(argv)
     rows = []
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.keep or scratch
         for recipe in args.recipes.split(","):
             report_png = RESULTS / f"{args.name}-{recipe}-report.png"
             rows.append(measure(recipe, args.ensemble, args.set, Path(work), report_png))
