@@ -89,12 +89,17 @@ def main(argv=None):
     parser.add_argument("--update", action="store_true", help="keep the other recipes' rows of NAME.json")
     parser.add_argument("--keep", metavar="DIR", help="keep each recipe's run dir as DIR/RECIPE (default: deleted)")
     args = parser.parse_args(argv)
+    recipes = args.recipes.split(",")
+    if args.keep:  # train refuses a run dir that holds files: say so before hours of other recipes
+        taken = [r for r in recipes if (Path(args.keep) / r).exists() and any((Path(args.keep) / r).iterdir())]
+        if taken:
+            parser.error(f"--keep {args.keep}: {taken[0]}/ already holds a run; pick another DIR")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        work = args.keep or scratch
-        for recipe in args.recipes.split(","):
+        work = Path(args.keep).resolve() if args.keep else Path(scratch)  # train runs from the repo root
+        for recipe in recipes:
             report_png = RESULTS / f"{args.name}-{recipe}-report.png"
-            rows.append(measure(recipe, args.ensemble, args.set, Path(work), report_png))
+            rows.append(measure(recipe, args.ensemble, args.set, work, report_png))
             print(json.dumps({k: rows[-1][k] for k in ("recipe", "members", "seconds", "cv", "hidden")}), flush=True)
     if args.update and (RESULTS / f"{args.name}.json").is_file():
         fresh = {r["recipe"]: r for r in rows}

@@ -36,7 +36,7 @@ class ModelConfig:
     kernel_size: int = 3  # cnn
     rank: int = 16  # factorized: the embedding size of cell types and compounds
     row_scale: bool = False  # factorized, one-hot features: each (cell type, compound) pair its own size;
-    # unseen pairs the mean size of their cell type's trained pairs
+    # unseen pairs the log-normal mean size of their cell type's trained pairs
 
 
 @dataclasses.dataclass(frozen=True)

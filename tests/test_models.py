@@ -90,10 +90,12 @@ def test_center_row_scale_gives_unseen_pairs_the_mean_trained_size_and_keeps_tra
     for cell in (0, 1):
         want = np.exp(medians[cell] + sd**2 / 2 - log_size[cell, 2])  # compound 2: unseen
         np.testing.assert_allclose(after[cell, 2], before[cell, 2] * want, rtol=1e-5)
+    model.center_row_scale(jnp.asarray(trained))  # every epoch: a second pass must not move s again
+    np.testing.assert_allclose(np.asarray(model(x), np.float64).reshape(3, 4, 5), after, rtol=1e-5)
 
 
 def test_center_row_scale_keeps_trained_sizes_when_s_is_too_coarse_to_move():
-    """bf16 parameters: a median below half of s's rounding step must not shift every trained pair."""
+    """bf16 parameters: a move of s below half its rounding step must not shift every trained pair."""
     from scp_jax.models.factorized import Factorized
 
     model = Factorized((2, 3, 0, 0), 4, rank=3, row_scale=True, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))

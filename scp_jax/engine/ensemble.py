@@ -198,7 +198,7 @@ class Ensemble:
 
     def _epoch(self, state, spec, data, steps, trained=None):
         """One epoch of one member: shuffle its training rows, `steps` minibatches, validate; `trained`
-        (`row_scale` models): the member's trained pairs, whose mean size unseen pairs get."""
+        (`row_scale` models): the member's trained pairs, whose log-normal mean size unseen pairs get."""
         batch_size = self.config.batch_size
         n_rows = spec.train_mask.shape[0]
         key = self.member_key(spec, _SHUFFLE, state.epoch)
@@ -239,7 +239,7 @@ class Ensemble:
         return jnp.zeros(shape, bool).at[data.cell_index, data.compound_index].max(spec.train_mask)
 
     def _center_row_scale(self, params, trained):
-        """Unseen pairs get the mean size of their cell type's trained pairs (models/factorized.py)."""
+        """Unseen pairs get the log-normal mean size of their cell type's trained pairs (models/factorized.py)."""
         model = nnx.merge(self.graphdef, params)
         model.center_row_scale(trained)
         return nnx.state(model, nnx.Param)
