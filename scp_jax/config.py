@@ -127,6 +127,7 @@ class Config:
     epochs_per_chunk: int = 5
     batch_size: int = 64
     patience: int = 0  # epochs without improvement before a member stops; 0 = never
+    keep: str = "best"  # the epoch a member keeps: "best" on its validation rows, or "last"
     precision: str = "fp32"  # fp32 | bf16 (compute) | bf16_state (bf16 parameters and optimizer state)
     distributed: bool = False  # jax.distributed.initialize() for multi-host runs
     checkpoint_every: int = 5  # epochs between checkpoints (chunks also end there); one more at the end
@@ -183,6 +184,10 @@ class Config:
             raise UserError(f"config: model.activation must be 'relu' or 'gelu', got {self.model.activation!r}")
         if self.patience < 0:
             raise UserError(f"config: patience must be >= 0, got {self.patience}")
+        if self.keep not in ("best", "last"):
+            raise UserError(f"config: keep must be 'best' or 'last', got {self.keep!r}")
+        if self.keep == "last" and self.patience:
+            raise UserError("config: patience stops at the best epoch; it needs keep = 'best'")
         if self.precision not in PRECISIONS:
             raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for key in ("learning_rate", "weight_decay", "clip_norm", "l2", "dropout", "input_mask", "warmup"):

@@ -22,6 +22,7 @@ def test_overrides_and_round_trip(tmp_path):
         ("model.hidden=64", "model.hidden must be a list"),
         ("folds=1", "folds must be >= 2"),
         ("ensemble=true", "ensemble must be int"),
+        ("keep='first'", "keep must be 'best' or 'last'"),
     ],
 )
 def test_bad_config_is_one_line_user_error(override, message):

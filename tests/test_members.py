@@ -83,6 +83,21 @@ def test_diverging_member_is_frozen_at_its_best_and_others_are_unaffected():
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_keep_last_keeps_every_members_last_epoch_and_scores_it():
+    """Even where a member's validation score was lower earlier (it overfits)."""
+    overfit = BASE + ["ensemble=3", "keep='last'", "optim.learning_rate=0.05", "optim.clip_norm=100.0",
+                      "model.hidden=[64]", "epochs=12"]
+    history = []
+    result = train_ensemble(load_config(None, overfit), toy_train(),
+                            on_chunk=lambda epoch, metrics, seconds: history.append(metrics["val_mrrmse"]))
+    scores = np.concatenate(history, axis=1)
+    assert (scores.min(axis=1) < scores[:, -1]).any()
+    np.testing.assert_array_equal(result.best_epoch, 11)
+    np.testing.assert_array_equal(result.member_cv, scores[:, -1])
+    for last, kept in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(result.state.best_params)):
+        np.testing.assert_array_equal(last, kept)
+
+
 def test_early_stopping_keeps_the_best_epoch_and_stops_updating():
     train = toy_train()
     overfit = BASE + ["ensemble=3", "patience=2", "optim.learning_rate=0.05", "optim.clip_norm=100.0",

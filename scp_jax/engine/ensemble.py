@@ -248,11 +248,15 @@ class Ensemble:
         """Keep the best parameters (a real copy), stop on patience, freeze a diverged member at its best.
 
         A member without validation rows (cv = "full") scores NaN: that is not divergence (only a
-        non-finite train loss is), and its best epoch is always the last one.
+        non-finite train loss is), and its best epoch is always the last one. So is every member's
+        with `keep = "last"`: with a handful of validation rows per fold, the epoch they pick can be
+        noise (benchmarks/results/default-search.md, last section), and the CV then scores the last
+        epoch too.
         """
         running = state.stopped_at < 0
         diverged = running & ~(jnp.isfinite(train_loss) & (jnp.isfinite(val_score) | ~has_val))
-        improved = running & ~diverged & jnp.where(has_val, val_score < state.best_score, True)
+        better = jnp.where(has_val, val_score < state.best_score, True) if self.config.keep == "best" else True
+        improved = running & ~diverged & better
         best_epoch = jnp.where(improved, state.epoch, state.best_epoch)
         patience = self.config.patience
         out_of_patience = (state.epoch - best_epoch >= patience) if patience else jnp.array(False)
