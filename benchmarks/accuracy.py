@@ -90,13 +90,14 @@ def main(argv=None):
     parser.add_argument("--keep", metavar="DIR", help="keep each recipe's run dir as DIR/RECIPE (default: deleted)")
     args = parser.parse_args(argv)
     recipes = args.recipes.split(",")
-    if args.keep:  # train refuses a run dir that holds files: say so before hours of other recipes
-        taken = [r for r in recipes if (Path(args.keep) / r).exists() and any((Path(args.keep) / r).iterdir())]
-        if taken:
-            parser.error(f"--keep {args.keep}: {taken[0]}/ already holds a run; pick another DIR")
+    keep = Path(args.keep).resolve() if args.keep else None  # resolved: train runs from the repo root
+    # train refuses a run dir that holds files: say so before hours of other recipes
+    taken = [r for r in recipes if keep and (keep / r).is_dir() and any((keep / r).iterdir())]
+    if taken:
+        parser.error(f"--keep {args.keep}: {taken[0]}/ already holds a run; pick another DIR")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        work = Path(args.keep).resolve() if args.keep else Path(scratch)  # train runs from the repo root
+        work = keep or Path(scratch)
         for recipe in recipes:
             report_png = RESULTS / f"{args.name}-{recipe}-report.png"
             rows.append(measure(recipe, args.ensemble, args.set, work, report_png))
