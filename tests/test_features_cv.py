@@ -105,21 +105,23 @@ def test_svd_decoder_on_device_uses_the_members_fold(train):
 
 
 def test_cv_scheme_masks(train):
-    held = held_out_rows(train)
-    b_compounds = np.unique(train.compound_index[held])
+    held_all = held_out_rows(train)
+    b_compounds = np.unique(train.compound_index[held_all])
     assert len(b_compounds) == 17
+    held = held_all & ~train.control  # the positive controls' rows always train
+    assert held_all.sum() - held.sum() == 4 and train.control[held_all].sum() == 4
 
     b = make_folds("b_myeloid", train, 5, 0)
     assert b.n_folds == 5
     validated = b.fold_of_row >= 0
-    np.testing.assert_array_equal(validated, held)  # every B/Myeloid row, nothing else
+    np.testing.assert_array_equal(validated, held)  # every non-control B/Myeloid row, nothing else
     for fold in range(5):
         rows = b.fold_of_row == fold
         compounds = np.unique(train.compound_index[rows])
         # exactly the B/Myeloid rows of this fold's compounds; their T/NK rows train
         np.testing.assert_array_equal(rows, held & np.isin(train.compound_index, compounds))
         assert b.train_masks()[fold][~held & np.isin(train.compound_index, compounds)].all()
-    assert len(np.unique(train.compound_index[held & (b.fold_of_row == 0)])) in (3, 4)  # 17 compounds / 5 folds
+    assert all(len(np.unique(train.compound_index[b.fold_of_row == f])) == 3 for f in range(5))  # 15 / 5 folds
     assert b.train_masks()[5].all()  # the all-rows slot
 
     lcto = make_folds("leave_cell_type_out", train, 5, 0)
