@@ -139,6 +139,12 @@ def test_cv_scheme_masks(train):
     assert (k.fold_of_row >= 0).all() and k.train_masks()[5].all()
 
 
+def test_b_myeloid_refuses_data_whose_only_b_myeloid_rows_are_controls(train):
+    controls_only = dataclasses.replace(train, control=held_out_rows(train))
+    with pytest.raises(UserError, match="B/Myeloid training rows of a compound that is not a control"):
+        make_folds("b_myeloid", controls_only, 5, 0)
+
+
 @pytest.mark.parametrize("scheme, svd", [("kfold", 0), ("b_myeloid", 4)])
 def test_validation_targets_never_reach_the_inputs_of_members_validating_them(train, scheme, svd):
     config = load_config(None, ['features=["onehot", "target_encoding"]', f"target_encoding.svd={svd}"])

@@ -47,6 +47,8 @@ def b_myeloid_assignment(train, folds, seed):
     their four huge-effect rows would otherwise weigh on the score more than any four test-like rows.
     """
     held = _held_out_rows(train) & ~train.control
+    if not held.any():
+        raise UserError("config: cv = 'b_myeloid' needs B/Myeloid training rows of a compound that is not a control")
     compounds = np.unique(train.compound_index[held])
     n_folds = min(folds, len(compounds))
     fold_of_compound = np.full(len(train.compounds), -1, np.int32)
