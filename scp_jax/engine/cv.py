@@ -44,7 +44,7 @@ def b_myeloid_assignment(train, folds, seed):
 
     Their T/NK rows stay in training: the test predicts B/Myeloid rows of compounds seen only on T/NK.
     The positive controls always train: they have rows in every cell type, so no test row is one, and
-    their four huge-effect rows would otherwise weigh on the score more than any four test-like rows.
+    their few huge-effect rows would otherwise weigh on the score more than any test-like rows.
     """
     held = _held_out_rows(train) & ~train.control
     if not held.any():
