@@ -16,5 +16,6 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version
 print("devices", jax.devices())
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$OUT/gpu-env.txt" 2>&1
-timeout 480 python3 benchmarks/throughput.py --budget-s "${BUDGET_S:-330}" --out "$OUT/throughput-gpu.json" \
+timeout 60 python3 benchmarks/lowrank_check.py --out "$OUT/lowrank-check-gpu.json" 2>&1 | tee "$OUT/lowrank-check-gpu.log"
+timeout 420 python3 benchmarks/throughput.py --budget-s "${BUDGET_S:-330}" --out "$OUT/throughput-gpu.json" \
   2>&1 | tee "$OUT/throughput-gpu.log"

@@ -7,7 +7,9 @@ The optimizer step is memory-bound, so the ceiling is bytes moved per step / dev
   per parameter and step: forward read W, backward read W (for dX), write dW, read dW for the
   clip norm, update reads W, dW, mu, nu and writes W, mu, nu = 11 accesses
   (44 B in fp32, 22 B with bf16 parameters and state); per epoch add a validation forward and the
-  best-parameter select (about 4 accesses).
+  best-parameter select (about 4 accesses). With low-rank kernel gradients ("+lowrank",
+  engine/lowrank.py) the clip norm comes from the factors (10 accesses), and on one GPU the fused
+  kernel forms dW inside the update, so dW never goes through memory (8).
 
 Bandwidth is measured in the same run with a large on-device copy. Baselines: the same jitted
 chunk run one member at a time from a Python loop (JAX sequential), and when torch is importable
@@ -36,7 +38,9 @@ from scp_jax.engine.members import MemberTable
 from scp_jax.engine.trainer import kfold_assignment, member_specs, steps_per_epoch
 from scp_jax.features.tables import FeatureTables
 
-ACCESSES_PER_STEP, ACCESSES_PER_EPOCH = 11, 4
+ACCESSES_PER_STEP = {"dense": 11, "xla": 10, "pallas": 8}  # by how the update gets dW
+ACCESSES_PER_EPOCH = 4
+VARIANTS = ("fp32", "bf16", "bf16_state", "fp32+lowrank", "bf16_state+lowrank")
 WORKLOADS = {
     "full": dict(features=1024, hidden=(1024, 1024), genes=18211, rows=614, batch=32, epochs=5, reps=3),
     "quick": dict(features=64, hidden=(64, 64), genes=512, rows=614, batch=32, epochs=4, reps=5),
@@ -55,10 +59,13 @@ def workload_data(w, seed=0):
     return Data(jnp.asarray(targets), jnp.asarray(cell_index), jnp.asarray(compound_index), tables)
 
 
-def config_for(w, members, precision):
+def config_for(w, members, variant):
+    """`variant`: a precision, with "+lowrank" for low-rank kernel gradients."""
+    precision, _, lowrank = variant.partition("+")
     return load_config(None, [f"ensemble={members}", "folds=5", f"batch_size={w['batch']}",
                               f"model.hidden={list(w['hidden'])}", f"precision={precision}",
-                              "optim.clip_norm=1.0", "optim.weight_decay=1e-4"])
+                              f"lowrank_grads={str(bool(lowrank)).lower()}", "optim.clip_norm=1.0",
+                              "optim.weight_decay=1e-4"])
 
 
 def n_params(w):
@@ -84,9 +91,9 @@ def peak_memory():
     return stats.get("peak_bytes_in_use")
 
 
-def run_ensemble(w, data, members, precision, member_table=None):
+def run_ensemble(w, data, members, variant, member_table=None):
     """Compile time and steady-state member-epochs/s of one chunk program."""
-    config = config_for(w, members, precision)
+    config = config_for(w, members, variant)
     table = member_table or MemberTable.from_config(config)
     fold_of_row = kfold_assignment(w["rows"], config.folds, config.seed)
     specs, val_masks = member_specs(config, table, fold_of_row)
@@ -108,14 +115,16 @@ def run_ensemble(w, data, members, precision, member_table=None):
     seconds = float(np.median(times))
     memory = compiled.memory_analysis()
     program_bytes = None if memory is None else int(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
-    return {"members": len(table), "precision": precision, "steps_per_epoch": steps, "compile_s": compile_s,
-            "chunk_s": seconds, "member_epochs_per_s": len(table) * w["epochs"] / seconds,
+    return {"members": len(table), "variant": variant,
+            "update_kernel": engine.update_kernel if config.lowrank_grads else "dense",
+            "steps_per_epoch": steps, "compile_s": compile_s, "chunk_s": seconds, "member_epochs_per_s": len(table) * w["epochs"] / seconds,
             "program_bytes": program_bytes, "peak_bytes_in_use": peak_memory()}
 
 
 def roofline(w, result, bandwidth):
-    bytes_per_access = 2 if result["precision"] == "bf16_state" else 4
-    per_member_epoch = (result["steps_per_epoch"] * ACCESSES_PER_STEP + ACCESSES_PER_EPOCH) * n_params(w) * bytes_per_access
+    bytes_per_access = 2 if result["variant"].startswith("bf16_state") else 4
+    accesses = result["steps_per_epoch"] * ACCESSES_PER_STEP[result["update_kernel"]] + ACCESSES_PER_EPOCH
+    per_member_epoch = accesses * n_params(w) * bytes_per_access
     ceiling = bandwidth / per_member_epoch
     return {"bytes_per_member_epoch": per_member_epoch, "ceiling_member_epochs_per_s": ceiling,
             "roofline_fraction": result["member_epochs_per_s"] / ceiling}
@@ -225,17 +234,17 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for precision, marker in (("fp32", "o"), ("bf16", "s"), ("bf16_state", "^")):
-        rows = [r for r in results["sweep"] if r["precision"] == precision]
+    for variant, marker in zip(VARIANTS, "osv^D"):
+        rows = [r for r in results["sweep"] if r["variant"] == variant]
         if rows:
             left.plot([r["members"] for r in rows], [r["member_epochs_per_s"] for r in rows], marker=marker,
-                      label=precision)
+                      label=variant)
             left.plot([r["members"] for r in rows], [r["ceiling_member_epochs_per_s"] for r in rows], ls=":",
-                      color=left.lines[-1].get_color(), label=f"{precision} memory roofline")
+                      color=left.lines[-1].get_color(), label=f"{variant} memory roofline")
     left.set(xscale="log", xlabel="ensemble members", ylabel="member-epochs / s",
              title=f"scp-jax ensemble throughput ({results['device']})")
     left.legend(fontsize=8)
-    bars = {f"scp-jax {r['precision']}": r["member_epochs_per_s"] for r in results["sweep"]
+    bars = {f"scp-jax {r['variant']}": r["member_epochs_per_s"] for r in results["sweep"]
             if r["members"] == results["w20_members"]}
     bars["JAX sequential"] = results["baselines"].get("jax_sequential", {}).get("member_epochs_per_s", 0)
     for key in ("torch_sequential_fp32", "torch_sequential_bf16_autocast", "torch_func_vmap_fp32"):
@@ -255,7 +264,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, for a CPU")
     parser.add_argument("--sizes", default=None, help="ensemble sizes (default 1,5,20,50,100; quick 1,8)")
-    parser.add_argument("--precisions", default="fp32,bf16,bf16_state")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="precisions, +lowrank for low-rank gradients")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")
     args = parser.parse_args(argv)
@@ -278,26 +287,27 @@ def main(argv=None):
     def save():
         write_text(out, json.dumps(results, indent=2) + "\n")
 
-    # W20 first in every precision, then the size sweep, so a short budget still measures W20.
-    order = [(w20, p) for p in args.precisions.split(",")] + [
-        (m, p) for p in ("fp32", "bf16_state") if p in args.precisions for m in sizes if m != w20]
-    for members, precision in order:
+    # W20 in every variant first, then the size sweep, so a short budget still measures W20.
+    variants = args.variants.split(",")
+    swept = [v for v in ("fp32+lowrank", "bf16_state+lowrank", "fp32", "bf16_state") if v in variants]
+    order = [(w20, v) for v in variants] + [(m, v) for v in swept for m in sizes if m != w20]
+    for members, variant in order:
         if time.perf_counter() > deadline:
-            results.setdefault("skipped", []).append({"members": members, "precision": precision})
+            results.setdefault("skipped", []).append({"members": members, "variant": variant})
             continue
         try:
-            r = run_ensemble(w, data, members, precision)
-        except Exception as err:  # e.g. out of memory at the largest size: record it and go on
-            results.setdefault("failed", []).append({"members": members, "precision": precision,
+            r = run_ensemble(w, data, members, variant)
+        except Exception as err:  # e.g. out of memory at the largest size, a kernel that fails: record it, go on
+            results.setdefault("failed", []).append({"members": members, "variant": variant,
                                                      "error": str(err).splitlines()[0][:300]})
             continue
         r.update(roofline(w, r, bandwidth))
         results["sweep"].append(r)
-        print(f"{members:4d} members {precision:10s} {r['member_epochs_per_s']:8.1f} member-epochs/s "
+        print(f"{members:4d} members {variant:18s} {r['member_epochs_per_s']:8.1f} member-epochs/s "
               f"({r['roofline_fraction']:.0%} of roofline {r['ceiling_member_epochs_per_s']:.0f}), "
               f"compile {r['compile_s']:.1f} s", flush=True)
         save()
-    results["sweep"].sort(key=lambda r: (r["precision"], r["members"]))
+    results["sweep"].sort(key=lambda r: (r["variant"], r["members"]))
     if time.perf_counter() < deadline:
         results["baselines"]["jax_sequential"] = jax_sequential(w, data, w20 if args.quick else 5)
         print(f"JAX sequential {results['baselines']['jax_sequential']['member_epochs_per_s']:.1f} member-epochs/s",

@@ -129,6 +129,7 @@ class Config:
     patience: int = 0  # epochs without improvement before a member stops; 0 = never
     keep: str = "best"  # the epoch a member keeps: "best" on its validation rows, or "last"
     precision: str = "fp32"  # fp32 | bf16 (compute) | bf16_state (bf16 parameters and optimizer state)
+    lowrank_grads: bool = False  # MLP kernels' gradients as x^T dy factors, fused into AdamW on a GPU (engine/lowrank.py)
     distributed: bool = False  # jax.distributed.initialize() for multi-host runs
     checkpoint_every: int = 5  # epochs between checkpoints (chunks also end there); one more at the end
     checkpoint_keep: int = 2  # latest checkpoints kept, plus the best one
@@ -188,6 +189,8 @@ class Config:
             raise UserError(f"config: keep must be 'best' or 'last', got {self.keep!r}")
         if self.keep == "last" and self.patience:
             raise UserError("config: patience stops at the best epoch; it needs keep = 'best'")
+        if self.lowrank_grads and (self.optim.l2 or any(self.sweep.l2)):
+            raise UserError("config: lowrank_grads needs optim.l2 = 0 (the L2 prior's gradient is not low-rank)")
         if self.precision not in PRECISIONS:
             raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for key in ("learning_rate", "weight_decay", "clip_norm", "l2", "dropout", "input_mask", "warmup"):

@@ -32,14 +32,22 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def stochastic_round_bf16(x, seed):
+def stochastic_round_bf16(x, seed, index=None):
     """Round float32 `x` to bfloat16 up or down with probability given by the dropped bits.
 
     The noise is a hash of (element index, seed), so it needs no random-number kernel and is
-    deterministic for a given seed.
+    deterministic for a given seed. `index`: each element's flat (row-major) index in its array,
+    for a tile of one (the default: `x` is the whole array).
     """
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+    index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) if index is None else index
     noise = _mix32(index * jnp.uint32(0x9E3779B9) + seed) & jnp.uint32(0xFFFF)
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def store(x, dtype, seed=None, index=None):
+    """Float32 `x` as `dtype`; to bfloat16 with stochastic rounding when there is a `seed`."""
+    if dtype == jnp.bfloat16 and seed is not None:
+        return stochastic_round_bf16(x, seed, index)
+    return x.astype(dtype)

@@ -30,14 +30,14 @@ def test_fused_step_equals_optax(optimizer, schedule):
                        optimizer=OPTIMIZERS.index(optimizer), schedule=SCHEDULES.index(schedule),
                        warmup=0.3, total_steps=TOTAL)
     fused = params
-    step = jax.jit(optim.step, static_argnames="lion")
+    step = jax.jit(optim.step, static_argnames="lion_branch")
     for i in range(TOTAL):
         grads = jax.tree.map(lambda x: 3 * jax.random.normal(jax.random.fold_in(keys[2], i), x.shape), params)
         updates, ref_state = reference.update(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
-        frozen, frozen_state = step(fused, grads, state, active=False, lion=True)
+        frozen, frozen_state = step(fused, grads, state, active=False, lion_branch=True)
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(fused)))
         assert int(frozen_state.count) == int(state.count)
-        fused, state = step(fused, grads, state, lion=optimizer == "lion")
+        fused, state = step(fused, grads, state, lion_branch=optimizer == "lion")
         for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, atol=2e-6, err_msg=f"update {i}")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from scp_jax.data.pvalues import expected_y_of_t
-from scp_jax.engine import optim
+from scp_jax.engine import lowrank, optim
 from scp_jax.engine.losses import dense_weight_norm, mixed_loss
 from scp_jax.metrics import masked_mrrmse_jax
 from scp_jax.models import build_model
@@ -93,6 +93,10 @@ def tree_select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def _value_and_grad(loss_fn, params, *args):
+    return jax.value_and_grad(loss_fn)(params, *args)
+
+
 def _fold_in(key, *data):
     for d in data:
         key = jax.random.fold_in(key, d)
@@ -136,6 +140,7 @@ class Ensemble:
         n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
         self._make = lambda key: build_model(config, layout, n_out, nnx.Rngs(key))
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
+        self.update_kernel = lowrank.update_kernel() if config.lowrank_grads else "xla"
         self.init = jax.jit(jax.vmap(self._init_member))
         self.train_chunk = jax.jit(
             jax.vmap(self._train_chunk_member, in_axes=(0, 0, None, None, None)),
@@ -212,13 +217,14 @@ class Ensemble:
             params, opt_state = carry
             index, batch_rows, batch_weights = batch
             dropout_key = self.member_key(spec, _DROPOUT, state.epoch, index)
-            loss, grads = jax.value_and_grad(self._loss)(params, data, batch_rows, batch_weights, spec, dropout_key)
+            grad_fn = lowrank.value_and_grad if self.config.lowrank_grads else _value_and_grad
+            loss, grads = grad_fn(self._loss, params, data, batch_rows, batch_weights, spec, dropout_key)
             # Stopped members and empty batches (fewer training rows) leave the member untouched.
             active = jnp.logical_and(state.stopped_at < 0, jnp.sum(batch_weights) > 0)
             rounding_seed = None
             if self.config.precision == "bf16_state":
                 rounding_seed = jax.random.bits(self.member_key(spec, _ROUNDING, state.epoch, index), (), jnp.uint32)
-            new = optim.step(params, grads, opt_state, active, rounding_seed, lion="lion" in self.options)
+            new = optim.step(params, grads, opt_state, active, rounding_seed, "lion" in self.options, self.update_kernel)
             return new, loss * jnp.sum(batch_weights)
 
         batches = (jnp.arange(steps), rows, weights)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from scp_jax.config import OPTIMIZERS, SCHEDULES
-from scp_jax.precision import stochastic_round_bf16
+from scp_jax.engine import lowrank
+from scp_jax.precision import store
 
 B1, B2, EPS = 0.9, 0.999, 1e-8  # AdamW
 LION_B1, LION_B2 = 0.9, 0.99
@@ -60,49 +61,57 @@ def learning_rate(hp, step):
     return jnp.where(schedule == COSINE, cosine, jnp.where(schedule == ONECYCLE, onecycle, peak))
 
 
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+def adamw(p, g, m, v, clip_scale, rate, weight_decay, bias1, bias2, active):
+    """One leaf's clipped AdamW step on float32 values -> (p, mu, nu); unchanged where not `active`."""
+    g = g * clip_scale
+    m_new = B1 * m + (1.0 - B1) * g
+    v_new = B2 * v + (1.0 - B2) * jnp.square(g)
+    update = (m_new / bias1) / (jnp.sqrt(v_new / bias2) + EPS)
+    p_new = p - rate * (update + weight_decay * p)
+    return tuple(jnp.where(active > 0, new, old) for new, old in zip((p_new, m_new, v_new), (p, m, v)))
 
 
-def step(params, grads, state, active=True, rounding_seed=None, lion=False):
+def lion(p, g, m, v, clip_scale, rate, weight_decay, active):
+    """One leaf's clipped Lion step on float32 values -> (p, momentum, v unchanged)."""
+    g = g * clip_scale
+    update = jnp.sign(LION_B1 * m + (1.0 - LION_B1) * g)
+    p_new = p - rate * (update + weight_decay * p)
+    m_new = LION_B2 * m + (1.0 - LION_B2) * g
+    return jnp.where(active > 0, p_new, p), jnp.where(active > 0, m_new, m), v
+
+
+def step(params, grads, state, active=True, rounding_seed=None, lion_branch=False, kernel="xla"):
     """One clipped, scheduled AdamW or Lion step; returns (params, state). `active=False` returns them
     unchanged.
 
-    `rounding_seed` (uint32) switches on stochastic rounding for bfloat16 leaves; `lion` compiles the
-    Lion branch (members pick theirs with hyperparams["optimizer"]).
+    `rounding_seed` (uint32) switches on stochastic rounding for bfloat16 leaves; `lion_branch`
+    compiles the Lion branch (members pick theirs with hyperparams["optimizer"]). A gradient leaf
+    may be a lowrank.Factored: with `kernel` "pallas" (or "interpret", for tests off a GPU) its AdamW
+    step is one fused kernel, else XLA forms it densely first.
     """
     hp = state.hyperparams
-    norm = _global_norm(grads)
+    norm = jnp.sqrt(sum(lowrank.sq_norm(g) for g in jax.tree.leaves(grads)))
     clip_scale = jnp.where(norm < hp["clip_norm"], 1.0, hp["clip_norm"] / norm)
     count = state.count + 1
     rate = learning_rate(hp, state.count)
     bias1 = 1.0 - B1 ** count.astype(jnp.float32)
     bias2 = 1.0 - B2 ** count.astype(jnp.float32)
     is_lion = hp["optimizer"] == LION
-    seeds = iter(range(len(jax.tree.leaves(params))))
-
-    def store(x, like, salt):
-        if like.dtype == jnp.bfloat16 and rounding_seed is not None:
-            return stochastic_round_bf16(x, rounding_seed + jnp.uint32(salt))
-        return x.astype(like.dtype)
+    adamw_scalars = (clip_scale, rate, hp["weight_decay"], bias1, bias2, active)
+    leaf_index = iter(range(len(jax.tree.leaves(params))))
 
     def leaf(p, g, m, v):
-        i = next(seeds)
-        p32, m32, v32 = p.astype(jnp.float32), m.astype(jnp.float32), v.astype(jnp.float32)
-        g32 = g.astype(jnp.float32) * clip_scale
-        m_new = B1 * m32 + (1.0 - B1) * g32
-        v_new = B2 * v32 + (1.0 - B2) * jnp.square(g32)
-        update = (m_new / bias1) / (jnp.sqrt(v_new / bias2) + EPS)
-        if lion:
-            update = jnp.where(is_lion, jnp.sign(LION_B1 * m32 + (1.0 - LION_B1) * g32), update)
-            m_new = jnp.where(is_lion, LION_B2 * m32 + (1.0 - LION_B2) * g32, m_new)
-            v_new = jnp.where(is_lion, v32, v_new)
-        p_new = p32 - rate * (update + hp["weight_decay"] * p32)
-        return (
-            jnp.where(active, store(p_new, p, 3 * i), p),
-            jnp.where(active, store(m_new, m, 3 * i + 1), m),
-            jnp.where(active, store(v_new, v, 3 * i + 2), v),
-        )
+        salt = 3 * next(leaf_index)
+        seed = None if rounding_seed is None else rounding_seed + jnp.uint32(salt)
+        if isinstance(g, lowrank.Factored) and kernel != "xla" and not lion_branch:
+            return lowrank.fused_update(adamw, p, m, v, g, adamw_scalars, seed, interpret=kernel == "interpret")
+        g = g.dense() if isinstance(g, lowrank.Factored) else g.astype(jnp.float32)
+        old = [x.astype(jnp.float32) for x in (p, m, v)]
+        new = adamw(old[0], g, old[1], old[2], *adamw_scalars)
+        if lion_branch:
+            lion_new = lion(old[0], g, old[1], old[2], clip_scale, rate, hp["weight_decay"], active)
+            new = [jnp.where(is_lion, a, b) for a, b in zip(lion_new, new)]
+        return tuple(store(x, p.dtype, None if seed is None else seed + jnp.uint32(k)) for k, x in enumerate(new))
 
     out = jax.tree.map(leaf, params, grads, state.mu, state.nu)
     outer = jax.tree.structure(params)

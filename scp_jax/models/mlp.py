@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scp_jax.models.linear import Linear
+
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
 
 
@@ -26,9 +28,9 @@ class MLP(nnx.Module):
                  param_dtype=jnp.float32, rngs):
         sizes = (in_features, *hidden)
         dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([nnx.Linear(a, b, **dense) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.layers = nnx.List([Linear(a, b, **dense) for a, b in zip(sizes[:-1], sizes[1:])])
         self.norms = nnx.List([nnx.LayerNorm(b, **dense) for b in hidden] if layer_norm else [])
-        self.head = nnx.Linear(sizes[-1], out_features, **dense)
+        self.head = Linear(sizes[-1], out_features, **dense)
         self.activation = ACTIVATIONS[activation]
 
     def __call__(self, x, *, dropout_rate=0.0, key=None):
@@ -48,12 +50,12 @@ class ResMLP(nnx.Module):
                  param_dtype=jnp.float32, rngs):
         width = hidden[0]
         dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed = nnx.Linear(in_features, width, **dense)
+        self.embed = Linear(in_features, width, **dense)
         self.norms = nnx.List([nnx.LayerNorm(width, **dense) for _ in hidden])
-        self.expand = nnx.List([nnx.Linear(width, h, **dense) for h in hidden])
-        self.project = nnx.List([nnx.Linear(h, width, **dense) for h in hidden])
+        self.expand = nnx.List([Linear(width, h, **dense) for h in hidden])
+        self.project = nnx.List([Linear(h, width, **dense) for h in hidden])
         self.final_norm = nnx.LayerNorm(width, **dense)
-        self.head = nnx.Linear(width, out_features, **dense)
+        self.head = Linear(width, out_features, **dense)
         self.activation = ACTIVATIONS[activation]
 
     def __call__(self, x, *, dropout_rate=0.0, key=None):

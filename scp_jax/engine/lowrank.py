@@ -1,0 +1,123 @@
+"""Dense kernels' gradients kept as their rank-B factors, so the optimizer step moves fewer bytes.
+
+At batch 32 the ensemble's step is bound by memory traffic per parameter: the forward and the
+backward read W, backprop writes dW, the clip norm reads it, and AdamW reads W, dW, mu, nu and
+writes W, mu, nu: 11 accesses (benchmarks/throughput.py). But on B rows dW = x^T dy has rank at
+most B, so
+- its squared norm is sum((x x^T) * (dy dy^T)), from two [B, B] Gram matrices, and
+- the update can form each tile of x^T dy where it reads that tile of W, mu and nu.
+Then dW never goes through memory: 8 accesses. On a GPU a Pallas (Triton) kernel fuses the
+product into AdamW; elsewhere XLA forms x^T dy first and runs the same update (engine/optim.py),
+which still saves the norm's read.
+
+Layers: `scp_jax.models.linear.Linear` whose batch has fewer rows than both sides of its kernel.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from scp_jax.models.linear import Tape, recording
+from scp_jax.precision import store
+
+HIGHEST = jax.lax.Precision.HIGHEST
+BLOCK_IN, BLOCK_OUT, WARPS = 32, 128, 4  # a tile of W: 4096 elements, 32 per thread and array
+
+
+@dataclasses.dataclass(frozen=True)
+class Factored:
+    """A kernel's gradient x^T dy. Not a pytree node, so it is one leaf of the gradient tree."""
+
+    x: jnp.ndarray  # [B, in]: the layer's inputs
+    dy: jnp.ndarray  # [B, out]: the loss's gradient at its outputs
+
+    def sq_norm(self):
+        x, dy = self.x.astype(jnp.float32), self.dy.astype(jnp.float32)
+        return jnp.sum(jnp.matmul(x, x.T, precision=HIGHEST) * jnp.matmul(dy, dy.T, precision=HIGHEST))
+
+    def dense(self):
+        return jnp.matmul(self.x.astype(jnp.float32).T, self.dy.astype(jnp.float32))
+
+
+def update_kernel():
+    """"pallas" on one GPU; else "xla": on a CPU, and with members sharded over devices (GSPMD would
+    not split the kernel's custom call)."""
+    return "pallas" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
+
+
+def value_and_grad(loss_fn, params, *args):
+    """`jax.value_and_grad(loss_fn)(params, *args)`, with the gradient of each taped Linear kernel
+    as a Factored where that saves memory traffic. The kernels' own dense gradients are computed by
+    nothing: no output uses them, so XLA drops them."""
+
+    def taped(params, probes):
+        with recording(Tape(params, probes)) as tape:
+            loss = loss_fn(params, *args)
+        return loss, (tape.inputs, tape.outputs)
+
+    outputs = jax.eval_shape(taped, params, None)[1][1]
+    probes = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), outputs)
+    (loss, (inputs, _)), (grads, dys) = jax.value_and_grad(taped, argnums=(0, 1), has_aux=True)(params, probes)
+
+    def factor(path, grad):
+        key = jax.tree_util.keystr(path)
+        if key not in inputs:
+            return grad
+        x, dy = inputs[key], dys[key]
+        x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        return Factored(x, dy) if x.shape[0] < min(grad.shape) else grad
+
+    return loss, jax.tree_util.tree_map_with_path(factor, grads)
+
+
+def sq_norm(grad):
+    return grad.sq_norm() if isinstance(grad, Factored) else jnp.sum(jnp.square(grad.astype(jnp.float32)))
+
+
+def _pad(a, shape):
+    return jnp.pad(a.astype(jnp.float32), [(0, n - m) for n, m in zip(shape, a.shape)])
+
+
+def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
+    """`update(p, g, m, v, *scalars)` -> (p, m, v) in float32, applied to every tile of a kernel with g
+    = x^T dy formed in the tile, in one Pallas kernel that reads and writes p, m and v once (in
+    place). `seed`: stochastic rounding of bf16 state (precision.stochastic_round_bf16)."""
+    n_in, n_out = p.shape
+    # Zero padding: rows to a power of 2 >= 16 (what tl.dot takes), sides to whole tiles, so the
+    # factors' loads stay in bounds; p, mu and nu's edge tiles are masked instead.
+    rows = max(16, 1 << math.ceil(math.log2(grad.x.shape[0])))
+    x_t = _pad(grad.x.T, (pl.cdiv(n_in, BLOCK_IN) * BLOCK_IN, rows))
+    dy = _pad(grad.dy, (rows, pl.cdiv(n_out, BLOCK_OUT) * BLOCK_OUT))
+    n_scalars = len(scalars)
+    scalars = jnp.stack([jnp.asarray(s, jnp.float32) for s in scalars] + [jnp.float32(0)] * (8 - n_scalars))
+    seeds = jnp.zeros(4, jnp.uint32) if seed is None else seed + jnp.arange(4, dtype=jnp.uint32)  # p, mu, nu
+
+    def kernel(scalars_ref, seeds_ref, x_ref, dy_ref, p_ref, m_ref, v_ref, p_out, m_out, v_out):
+        i, j = pl.program_id(0), pl.program_id(1)
+        row = i * BLOCK_IN + jnp.arange(BLOCK_IN, dtype=jnp.int32)[:, None]
+        col = j * BLOCK_OUT + jnp.arange(BLOCK_OUT, dtype=jnp.int32)[None, :]
+        inside = (row < n_in) & (col < n_out)
+        g = jnp.dot(x_ref[...], dy_ref[...], precision=HIGHEST)
+        old = [plt.load(r, mask=inside, other=0.0).astype(jnp.float32) for r in (p_ref, m_ref, v_ref)]
+        new = update(old[0], g, old[1], old[2], *(scalars_ref[k] for k in range(n_scalars)))
+        index = (row * n_out + col).astype(jnp.uint32)
+        for out, value, k in zip((p_out, m_out, v_out), new, range(3)):
+            plt.store(out, store(value, p.dtype, None if seed is None else seeds_ref[k], index), mask=inside)
+
+    block = pl.BlockSpec((BLOCK_IN, BLOCK_OUT), lambda i, j: (i, j))
+    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
+    return pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype)] * 3,
+        grid=(pl.cdiv(n_in, BLOCK_IN), pl.cdiv(n_out, BLOCK_OUT)),
+        in_specs=[whole(scalars), whole(seeds), pl.BlockSpec((BLOCK_IN, rows), lambda i, j: (i, 0)),
+                  pl.BlockSpec((rows, BLOCK_OUT), lambda i, j: (0, j)), block, block, block],
+        out_specs=[block] * 3,
+        input_output_aliases={4: 0, 5: 1, 6: 2},
+        compiler_params=plt.CompilerParams(num_warps=WARPS, num_stages=1),
+        interpret=interpret,
+    )(scalars, seeds, x_t, dy, p, m, v)

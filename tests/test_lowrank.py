@@ -1,0 +1,112 @@
+"""Low-rank kernel gradients: the factors, the fused Pallas AdamW (interpreted here), the engine with them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scp_jax.config import load_config
+from scp_jax.engine import ensemble, lowrank, optim
+from scp_jax.engine.trainer import train_ensemble
+from scp_jax.errors import UserError
+from scp_jax.models import MLP
+from scp_jax.precision import store
+from toy import toy_train
+
+SCALARS = (0.5, 1e-2, 1e-3, 0.19, 0.0199, True)  # clip scale, rate, weight decay, bias corrections, active
+
+
+def factored(rng, rows, n_in, n_out):
+    return lowrank.Factored(jnp.asarray(rng.normal(size=(rows, n_in)), jnp.float32),
+                            jnp.asarray(rng.normal(size=(rows, n_out)), jnp.float32))
+
+
+def test_factors_give_the_gradient_and_its_norm():
+    rng = np.random.default_rng(0)
+    g = factored(rng, 5, 7, 9)
+    dense = np.asarray(g.x, np.float64).T @ np.asarray(g.dy, np.float64)
+    np.testing.assert_allclose(g.dense(), dense, rtol=1e-5)
+    np.testing.assert_allclose(lowrank.sq_norm(g), np.sum(dense**2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("active", [True, False])
+def test_fused_update_equals_adamw_on_the_dense_gradient(dtype, active):
+    """Edge tiles (40 x 300 is no multiple of the tile), 20 rows (padded to 32), stochastic rounding
+    of bf16 state with the same bits as the unfused path, an inactive member left untouched."""
+    rng = np.random.default_rng(1)
+    p, m, v = (jnp.asarray(rng.normal(size=(40, 300)) * s, dtype) for s in (1.0, 0.1, 0.01))
+    v = jnp.abs(v)
+    g = factored(rng, 20, 40, 300)
+    seed = jnp.uint32(7) if dtype == jnp.bfloat16 else None
+    scalars = (*SCALARS[:-1], active)
+    got = lowrank.fused_update(optim.adamw, p, m, v, g, scalars, seed, interpret=True)
+    want = optim.adamw(p.astype(jnp.float32), g.dense(), m.astype(jnp.float32), v.astype(jnp.float32), *scalars)
+    want = [store(x, dtype, None if seed is None else seed + jnp.uint32(k)) for k, x in enumerate(want)]
+    for name, a, b, old in zip(("p", "mu", "nu"), got, want, (p, m, v)):
+        assert a.dtype == dtype, name
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(old, np.float32)) == (not active), name
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_update_lowers_to_triton_for_a_gpu(dtype):
+    """The kernel as a GPU would get it (vmapped over members, W20's head): lowering it checks what
+    Triton accepts (block shapes, masked edge tiles, the ops), without a GPU."""
+    def update(p, m, v, x, dy, seed):
+        return lowrank.fused_update(optim.adamw, p, m, v, lowrank.Factored(x, dy), SCALARS,
+                                    seed if dtype == jnp.bfloat16 else None)
+
+    state = jax.ShapeDtypeStruct((3, 1024, 18211), dtype)
+    args = (state, state, state, jax.ShapeDtypeStruct((3, 32, 1024), jnp.float32),
+            jax.ShapeDtypeStruct((3, 32, 18211), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.uint32))
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(jax.jit(jax.vmap(update)), platforms=["cuda"], disabled_checks=[triton])(*args)
+    assert "xla.gpu.triton" in exported.mlir_module()
+
+
+def test_value_and_grad_factors_only_the_kernels_it_pays_to():
+    """Loss and every gradient equal jax.value_and_grad's; a kernel whose side is not wider than the
+    batch (the 3-wide head) keeps its dense gradient."""
+    from flax import nnx
+
+    model = MLP(12, (16,), 3, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(2)
+    x, y = jnp.asarray(rng.normal(size=(2, 4, 12)), jnp.float32), jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
+
+    def loss_fn(params, x, y):
+        return jnp.mean(jnp.square(nnx.merge(graphdef, params)(x) - y))
+
+    loss, grads = lowrank.value_and_grad(loss_fn, params, x, y)
+    want_loss, want = jax.value_and_grad(loss_fn)(params, x, y)
+    assert float(loss) == float(want_loss)
+    assert isinstance(grads["layers"][0]["kernel"].get_value(), lowrank.Factored)  # 8 rows < 12 and 16
+    assert not isinstance(grads["head"]["kernel"].get_value(), lowrank.Factored)  # 8 rows >= 3 outputs
+    dense = jax.tree.map(lambda g: g.dense() if isinstance(g, lowrank.Factored) else g, grads,
+                         is_leaf=lambda g: isinstance(g, lowrank.Factored))
+    for a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "interpret"])
+def test_members_train_the_same_with_lowrank_gradients(monkeypatch, kernel):
+    """fp32, dropout and input masking: the parameters after training match dense gradients', with
+    XLA forming x^T dy or with the fused kernel (interpreted)."""
+    monkeypatch.setattr(lowrank, "update_kernel", lambda: kernel)
+    ensemble._cached_ensemble.cache_clear()  # programs built with another kernel must not be reused
+    train = toy_train()
+    base = ["model.hidden=[16]", "batch_size=8", "epochs=3", "epochs_per_chunk=3", "folds=3", "ensemble=1",
+            "sweep.dropout=[0.2]", "sweep.input_mask=[0.1]"]
+    dense = train_ensemble(load_config(None, base), train)
+    factored_run = train_ensemble(load_config(None, base + ["lowrank_grads=true"]), train)
+    ensemble._cached_ensemble.cache_clear()
+    for a, b in zip(jax.tree.leaves(dense.state.params), jax.tree.leaves(factored_run.state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense.member_cv, factored_run.member_cv, rtol=1e-5)
+
+
+def test_lowrank_gradients_refuse_an_l2_prior():
+    with pytest.raises(UserError, match="lowrank_grads needs optim.l2 = 0"):
+        load_config(None, ["lowrank_grads=true", "sweep.l2=[0.0, 1.0]"])
