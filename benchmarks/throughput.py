@@ -33,6 +33,7 @@ import numpy as np
 
 from scp_jax.atomic import write_text
 from scp_jax.config import load_config
+from scp_jax.engine import lowrank
 from scp_jax.engine.ensemble import Data, Ensemble
 from scp_jax.engine.members import MemberTable
 from scp_jax.engine.trainer import kfold_assignment, member_specs, steps_per_epoch
@@ -91,8 +92,18 @@ def peak_memory():
     return stats.get("peak_bytes_in_use")
 
 
-def run_ensemble(w, data, members, variant, member_table=None):
-    """Compile time and steady-state member-epochs/s of one chunk program."""
+def run_ensemble(w, data, members, variant, member_table=None, tile=None):
+    """Compile time and steady-state member-epochs/s of one chunk program; `tile`: the fused
+    low-rank kernel's (lowrank.TILE) instead of the default."""
+    default_tile = lowrank.TILE
+    lowrank.TILE = tile or default_tile
+    try:
+        return _run_ensemble(w, data, members, variant, member_table)
+    finally:
+        lowrank.TILE = default_tile
+
+
+def _run_ensemble(w, data, members, variant, member_table):
     config = config_for(w, members, variant)
     table = member_table or MemberTable.from_config(config)
     fold_of_row = kfold_assignment(w["rows"], config.folds, config.seed)
@@ -117,6 +128,7 @@ def run_ensemble(w, data, members, variant, member_table=None):
     program_bytes = None if memory is None else int(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
     return {"members": len(table), "variant": variant,
             "update_kernel": engine.update_kernel if config.lowrank_grads else "dense",
+            "tile": lowrank.TILE if engine.update_kernel == "pallas" else None,
             "steps_per_epoch": steps, "compile_s": compile_s, "chunk_s": seconds, "member_epochs_per_s": len(table) * w["epochs"] / seconds,
             "program_bytes": program_bytes, "peak_bytes_in_use": peak_memory()}
 
@@ -243,7 +255,7 @@ def plot(results, path):
                       color=left.lines[-1].get_color(), label=f"{variant} memory roofline")
     left.set(xscale="log", xlabel="ensemble members", ylabel="member-epochs / s",
              title=f"scp-jax ensemble throughput ({results['device']})")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, ncol=2)
     bars = {f"scp-jax {r['variant']}": r["member_epochs_per_s"] for r in results["sweep"]
             if r["members"] == results["w20_members"]}
     bars["JAX sequential"] = results["baselines"].get("jax_sequential", {}).get("member_epochs_per_s", 0)
@@ -265,6 +277,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small model, for a CPU")
     parser.add_argument("--sizes", default=None, help="ensemble sizes (default 1,5,20,50,100; quick 1,8)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="precisions, +lowrank for low-rank gradients")
+    parser.add_argument("--tiles", default="64x128x8,16x256x4,32x64x2",
+                        help="on one GPU, other tiles (rows x columns x warps) of the fused kernel to time at W20")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")
     args = parser.parse_args(argv)
@@ -278,7 +292,7 @@ def main(argv=None):
     out = Path(args.out or f"benchmarks/results/throughput-{kind}{'-quick' if args.quick else ''}.json")
     results = {"device": getattr(device, "device_kind", kind), "platform": device.platform,
                "jax": jax.__version__, "python": platform.python_version(), "workload": w,
-               "params_per_member": n_params(w), "w20_members": w20, "sweep": [], "baselines": {},
+               "params_per_member": n_params(w), "w20_members": w20, "sweep": [], "tiles": [], "baselines": {},
                "accesses_per_step": ACCESSES_PER_STEP, "accesses_per_epoch": ACCESSES_PER_EPOCH}
     data = workload_data(w)
     results["bandwidth_bytes_per_s"] = bandwidth = measure_bandwidth()
@@ -287,25 +301,30 @@ def main(argv=None):
     def save():
         write_text(out, json.dumps(results, indent=2) + "\n")
 
-    # W20 in every variant first, then the size sweep, so a short budget still measures W20.
+    # W20 in every variant first, then other tiles of the fused kernel, then the size sweep, so a
+    # short budget still measures W20.
     variants = args.variants.split(",")
+    lowrank_variants = [v for v in variants if v.endswith("+lowrank")]
     swept = [v for v in ("fp32+lowrank", "bf16_state+lowrank", "fp32", "bf16_state") if v in variants]
-    order = [(w20, v) for v in variants] + [(m, v) for v in swept for m in sizes if m != w20]
-    for members, variant in order:
+    tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
+    tiles = tiles if lowrank.update_kernel() == "pallas" else []
+    order = ([(w20, v, None) for v in variants] + [(w20, v, t) for t in tiles for v in lowrank_variants]
+             + [(m, v, None) for v in swept for m in sizes if m != w20])
+    for members, variant, tile in order:
         if time.perf_counter() > deadline:
-            results.setdefault("skipped", []).append({"members": members, "variant": variant})
+            results.setdefault("skipped", []).append({"members": members, "variant": variant, "tile": tile})
             continue
         try:
-            r = run_ensemble(w, data, members, variant)
+            r = run_ensemble(w, data, members, variant, tile=tile)
         except Exception as err:  # e.g. out of memory at the largest size, a kernel that fails: record it, go on
-            results.setdefault("failed", []).append({"members": members, "variant": variant,
+            results.setdefault("failed", []).append({"members": members, "variant": variant, "tile": tile,
                                                      "error": str(err).splitlines()[0][:300]})
             continue
         r.update(roofline(w, r, bandwidth))
-        results["sweep"].append(r)
+        results["tiles" if tile else "sweep"].append(r)
         print(f"{members:4d} members {variant:18s} {r['member_epochs_per_s']:8.1f} member-epochs/s "
               f"({r['roofline_fraction']:.0%} of roofline {r['ceiling_member_epochs_per_s']:.0f}), "
-              f"compile {r['compile_s']:.1f} s", flush=True)
+              f"compile {r['compile_s']:.1f} s{f', tile {tile}' if tile else ''}", flush=True)
         save()
     results["sweep"].sort(key=lambda r: (r["variant"], r["members"]))
     if time.perf_counter() < deadline:

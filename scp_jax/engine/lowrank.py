@@ -25,7 +25,9 @@ from scp_jax.models.linear import Tape, recording
 from scp_jax.precision import store
 
 HIGHEST = jax.lax.Precision.HIGHEST
-BLOCK_IN, BLOCK_OUT, WARPS = 32, 128, 4  # a tile of W: 4096 elements, 32 per thread and array
+# A program's tile of W (rows, columns) and its warps: 4096 elements, 32 per thread and array. Read
+# when a program is traced; benchmarks/throughput.py --tiles measures others.
+TILE = (32, 128, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,19 +89,20 @@ def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
     = x^T dy formed in the tile, in one Pallas kernel that reads and writes p, m and v once (in
     place). `seed`: stochastic rounding of bf16 state (precision.stochastic_round_bf16)."""
     n_in, n_out = p.shape
+    block_in, block_out, warps = TILE
     # Zero padding: rows to a power of 2 >= 16 (what tl.dot takes), sides to whole tiles, so the
     # factors' loads stay in bounds; p, mu and nu's edge tiles are masked instead.
     rows = max(16, 1 << math.ceil(math.log2(grad.x.shape[0])))
-    x_t = _pad(grad.x.T, (pl.cdiv(n_in, BLOCK_IN) * BLOCK_IN, rows))
-    dy = _pad(grad.dy, (rows, pl.cdiv(n_out, BLOCK_OUT) * BLOCK_OUT))
+    x_t = _pad(grad.x.T, (pl.cdiv(n_in, block_in) * block_in, rows))
+    dy = _pad(grad.dy, (rows, pl.cdiv(n_out, block_out) * block_out))
     n_scalars = len(scalars)
     scalars = jnp.stack([jnp.asarray(s, jnp.float32) for s in scalars] + [jnp.float32(0)] * (8 - n_scalars))
     seeds = jnp.zeros(4, jnp.uint32) if seed is None else seed + jnp.arange(4, dtype=jnp.uint32)  # p, mu, nu
 
     def kernel(scalars_ref, seeds_ref, x_ref, dy_ref, p_ref, m_ref, v_ref, p_out, m_out, v_out):
         i, j = pl.program_id(0), pl.program_id(1)
-        row = i * BLOCK_IN + jnp.arange(BLOCK_IN, dtype=jnp.int32)[:, None]
-        col = j * BLOCK_OUT + jnp.arange(BLOCK_OUT, dtype=jnp.int32)[None, :]
+        row = i * block_in + jnp.arange(block_in, dtype=jnp.int32)[:, None]
+        col = j * block_out + jnp.arange(block_out, dtype=jnp.int32)[None, :]
         inside = (row < n_in) & (col < n_out)
         g = jnp.dot(x_ref[...], dy_ref[...], precision=HIGHEST)
         old = [plt.load(r, mask=inside, other=0.0).astype(jnp.float32) for r in (p_ref, m_ref, v_ref)]
@@ -108,16 +111,16 @@ def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
         for out, value, k in zip((p_out, m_out, v_out), new, range(3)):
             plt.store(out, store(value, p.dtype, None if seed is None else seeds_ref[k], index), mask=inside)
 
-    block = pl.BlockSpec((BLOCK_IN, BLOCK_OUT), lambda i, j: (i, j))
+    block = pl.BlockSpec((block_in, block_out), lambda i, j: (i, j))
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
     return pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype)] * 3,
-        grid=(pl.cdiv(n_in, BLOCK_IN), pl.cdiv(n_out, BLOCK_OUT)),
-        in_specs=[whole(scalars), whole(seeds), pl.BlockSpec((BLOCK_IN, rows), lambda i, j: (i, 0)),
-                  pl.BlockSpec((rows, BLOCK_OUT), lambda i, j: (0, j)), block, block, block],
+        grid=(pl.cdiv(n_in, block_in), pl.cdiv(n_out, block_out)),
+        in_specs=[whole(scalars), whole(seeds), pl.BlockSpec((block_in, rows), lambda i, j: (i, 0)),
+                  pl.BlockSpec((rows, block_out), lambda i, j: (0, j)), block, block, block],
         out_specs=[block] * 3,
         input_output_aliases={4: 0, 5: 1, 6: 2},
-        compiler_params=plt.CompilerParams(num_warps=WARPS, num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
     )(scalars, seeds, x_t, dy, p, m, v)
