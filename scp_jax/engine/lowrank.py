@@ -104,7 +104,7 @@ def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
         row = i * block_in + jnp.arange(block_in, dtype=jnp.int32)[:, None]
         col = j * block_out + jnp.arange(block_out, dtype=jnp.int32)[None, :]
         inside = (row < n_in) & (col < n_out)
-        g = jnp.dot(x_ref[...], dy_ref[...], precision=HIGHEST)
+        g = jnp.dot(x_ref[...], dy_ref[...], preferred_element_type=jnp.float32)  # as XLA would: TF32 on a GPU
         old = [plt.load(r, mask=inside, other=0.0).astype(jnp.float32) for r in (p_ref, m_ref, v_ref)]
         new = update(old[0], g, old[1], old[2], *(scalars_ref[k] for k in range(n_scalars)))
         index = (row * n_out + col).astype(jnp.uint32)
