@@ -46,8 +46,9 @@ class Factored:
 
 
 def update_kernel():
-    """"pallas" on one GPU; else "xla": on a CPU, and with members sharded over devices (GSPMD would
-    not split the kernel's custom call)."""
+    """How optim.step updates a Factored leaf: "pallas" (the fused kernel) on one GPU, else "xla"
+    (dense first): on a CPU, and with members sharded over devices, whose GSPMD partitioning would
+    not split the kernel's custom call."""
     return "pallas" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
 
 
@@ -95,9 +96,10 @@ def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
     rows = max(16, 1 << math.ceil(math.log2(grad.x.shape[0])))
     x_t = _pad(grad.x.T, (pl.cdiv(n_in, block_in) * block_in, rows))
     dy = _pad(grad.dy, (rows, pl.cdiv(n_out, block_out) * block_out))
+    # Triton blocks have power-of-2 sizes: 8 scalar slots, 4 seeds (p, mu, nu and one unused).
     n_scalars = len(scalars)
     scalars = jnp.stack([jnp.asarray(s, jnp.float32) for s in scalars] + [jnp.float32(0)] * (8 - n_scalars))
-    seeds = jnp.zeros(4, jnp.uint32) if seed is None else seed + jnp.arange(4, dtype=jnp.uint32)  # p, mu, nu
+    seeds = jnp.zeros(4, jnp.uint32) if seed is None else seed + jnp.arange(4, dtype=jnp.uint32)
 
     def kernel(scalars_ref, seeds_ref, x_ref, dy_ref, p_ref, m_ref, v_ref, p_out, m_out, v_out):
         i, j = pl.program_id(0), pl.program_id(1)

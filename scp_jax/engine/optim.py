@@ -7,7 +7,9 @@ nu) and written once (p, mu, nu), with the stochastic rounding of bf16_state and
 (which freezes a stopped member) inside that same pass. Every hyperparameter, the optimizer and
 the schedule included, is a per-member array in the state, so a sweep stays one program; the Lion
 branch is compiled only when some member uses it. On the H200 the AdamW pass ran as fast as the
-optax chain in fp32 and 3% faster in bf16_state (benchmarks/results/throughput-gpu*.json).
+optax chain in fp32 and 3% faster in bf16_state (benchmarks/results/throughput-gpu*.json). A
+kernel's gradient may come as its low-rank factors (engine/lowrank.py); on one GPU its AdamW pass
+then forms it tile by tile, so it is never read or written at all.
 """
 
 from typing import NamedTuple
