@@ -277,7 +277,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small model, for a CPU")
     parser.add_argument("--sizes", default=None, help="ensemble sizes (default 1,5,20,50,100; quick 1,8)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="precisions, +lowrank for low-rank gradients")
-    parser.add_argument("--tiles", default="64x128x8,16x256x4,32x64x2",
+    parser.add_argument("--tiles", default="16x64x4,16x128x4,32x128x8,64x64x8",
                         help="on one GPU, other tiles (rows x columns x warps) of the fused kernel to time at W20")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")

@@ -25,9 +25,10 @@ from scp_jax.models.linear import Tape, recording
 from scp_jax.precision import store
 
 HIGHEST = jax.lax.Precision.HIGHEST
-# A program's tile of W (rows, columns) and its warps: 4096 elements, 32 per thread and array. Read
-# when a program is traced; benchmarks/throughput.py --tiles measures others.
-TILE = (32, 128, 4)
+# A program's tile of W (rows, columns) and its warps: 2048 elements, 16 per thread and array, so
+# the registers leave room for several programs per SM to keep loads in flight. Read when a program
+# is traced; benchmarks/throughput.py --tiles times others (untimed so far: no GPU session yet).
+TILE = (32, 64, 4)
 
 
 @dataclasses.dataclass(frozen=True)
