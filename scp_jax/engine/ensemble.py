@@ -140,7 +140,7 @@ class Ensemble:
         n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
         self._make = lambda key: build_model(config, layout, n_out, nnx.Rngs(key))
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
-        self.update_kernel = lowrank.update_kernel() if config.lowrank_grads else "xla"
+        self.lowrank_impl = lowrank.default_impl() if config.lowrank_grads else "xla"
         self.init = jax.jit(jax.vmap(self._init_member))
         self.train_chunk = jax.jit(
             jax.vmap(self._train_chunk_member, in_axes=(0, 0, None, None, None)),
@@ -224,7 +224,7 @@ class Ensemble:
             rounding_seed = None
             if self.config.precision == "bf16_state":
                 rounding_seed = jax.random.bits(self.member_key(spec, _ROUNDING, state.epoch, index), (), jnp.uint32)
-            new = optim.step(params, grads, opt_state, active, rounding_seed, "lion" in self.options, self.update_kernel)
+            new = optim.step(params, grads, opt_state, active, rounding_seed, "lion" in self.options, self.lowrank_impl)
             return new, loss * jnp.sum(batch_weights)
 
         batches = (jnp.arange(steps), rows, weights)

@@ -10,7 +10,9 @@ Then dW never goes through memory: 8 accesses. On a GPU a Pallas (Triton) kernel
 product into AdamW; elsewhere XLA forms x^T dy first and runs the same update (engine/optim.py),
 which still saves the norm's read.
 
-Layers: `scp_jax.models.linear.Linear` whose batch has fewer rows than both sides of its kernel.
+Layers: `scp_jax.models.linear.Linear` whose batch has fewer rows than both sides of its kernel;
+the fused kernel takes up to FUSED_ROWS of them. x is the layer's input as it arrives: with bf16
+compute, autodiff would form dW from bf16(x), this from x itself.
 """
 
 import dataclasses
@@ -18,8 +20,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from scp_jax.models.linear import Tape, recording
 from scp_jax.precision import store
@@ -29,6 +29,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # the registers leave room for several programs per SM to keep loads in flight. Read when a program
 # is traced; benchmarks/throughput.py --tiles times others (untimed so far: no GPU session yet).
 TILE = (32, 64, 4)
+FUSED_ROWS = 64  # more rows and the factors' tiles outgrow shared memory: XLA forms x^T dy instead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Factored:
         return jnp.matmul(self.x.astype(jnp.float32).T, self.dy.astype(jnp.float32))
 
 
-def update_kernel():
+def default_impl():
     """How optim.step updates a Factored leaf: "pallas" (the fused kernel) on one GPU, else "xla"
     (dense first): on a CPU, and with members sharded over devices, whose GSPMD partitioning would
     not split the kernel's custom call."""
@@ -78,6 +79,11 @@ def value_and_grad(loss_fn, params, *args):
     return loss, jax.tree_util.tree_map_with_path(factor, grads)
 
 
+def fusable(grad):
+    """Whether `fused_update` takes this gradient leaf: a Factored one of at most FUSED_ROWS rows."""
+    return isinstance(grad, Factored) and grad.x.shape[0] <= FUSED_ROWS
+
+
 def sq_norm(grad):
     return grad.sq_norm() if isinstance(grad, Factored) else jnp.sum(jnp.square(grad.astype(jnp.float32)))
 
@@ -89,7 +95,11 @@ def _pad(a, shape):
 def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
     """`update(p, g, m, v, *scalars)` -> (p, m, v) in float32, applied to every tile of a kernel with g
     = x^T dy formed in the tile, in one Pallas kernel that reads and writes p, m and v once (in
-    place). `seed`: stochastic rounding of bf16 state (precision.stochastic_round_bf16)."""
+    place). `seed`: stochastic rounding of bf16 state (precision.stochastic_round_bf16). Pallas is
+    imported here, so the package does not need its Triton backend unless this runs."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
     n_in, n_out = p.shape
     block_in, block_out, warps = TILE
     # Zero padding: rows to a power of 2 >= 16 (what tl.dot takes), sides to whole tiles, so the
@@ -99,6 +109,7 @@ def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
     dy = _pad(grad.dy, (rows, pl.cdiv(n_out, block_out) * block_out))
     # Triton blocks have power-of-2 sizes: 8 scalar slots, 4 seeds (p, mu, nu and one unused).
     n_scalars = len(scalars)
+    assert n_scalars <= 8, n_scalars
     scalars = jnp.stack([jnp.asarray(s, jnp.float32) for s in scalars] + [jnp.float32(0)] * (8 - n_scalars))
     seeds = jnp.zeros(4, jnp.uint32) if seed is None else seed + jnp.arange(4, dtype=jnp.uint32)
 

@@ -82,14 +82,14 @@ def lion(p, g, m, v, clip_scale, rate, weight_decay, active):
     return jnp.where(active > 0, p_new, p), jnp.where(active > 0, m_new, m), v
 
 
-def step(params, grads, state, active=True, rounding_seed=None, lion_branch=False, kernel="xla"):
+def step(params, grads, state, active=True, rounding_seed=None, lion_branch=False, lowrank_impl="xla"):
     """One clipped, scheduled AdamW or Lion step; returns (params, state). `active=False` returns them
     unchanged.
 
     `rounding_seed` (uint32) switches on stochastic rounding for bfloat16 leaves; `lion_branch`
     compiles the Lion branch (members pick theirs with hyperparams["optimizer"]). A gradient leaf
-    may be a lowrank.Factored: with `kernel` "pallas" (or "interpret", for tests off a GPU) its AdamW
-    step is one fused kernel, else XLA forms it densely first.
+    may be a lowrank.Factored: with `lowrank_impl` "pallas" (or "interpret", for tests off a GPU) its
+    AdamW step is one fused kernel where lowrank.fusable says so; else ("xla") XLA forms it first.
     """
     hp = state.hyperparams
     norm = jnp.sqrt(sum(lowrank.sq_norm(g) for g in jax.tree.leaves(grads)))
@@ -105,8 +105,8 @@ def step(params, grads, state, active=True, rounding_seed=None, lion_branch=Fals
     def leaf(p, g, m, v):
         salt = 3 * next(leaf_index)
         seed = None if rounding_seed is None else rounding_seed + jnp.uint32(salt)
-        if isinstance(g, lowrank.Factored) and kernel != "xla" and not lion_branch:
-            return lowrank.fused_update(adamw, p, m, v, g, adamw_scalars, seed, interpret=kernel == "interpret")
+        if lowrank.fusable(g) and lowrank_impl != "xla" and not lion_branch:
+            return lowrank.fused_update(adamw, p, m, v, g, adamw_scalars, seed, interpret=lowrank_impl == "interpret")
         g = g.dense() if isinstance(g, lowrank.Factored) else g.astype(jnp.float32)
         old = [x.astype(jnp.float32) for x in (p, m, v)]
         new = adamw(old[0], g, old[1], old[2], *adamw_scalars)
