@@ -49,9 +49,15 @@ class Factored:
 
 def default_impl():
     """How optim.step updates a Factored leaf: "pallas" (the fused kernel) on one GPU, else "xla"
-    (dense first): on a CPU, and with members sharded over devices, whose GSPMD partitioning would
-    not split the kernel's custom call."""
-    return "pallas" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "xla"
+    (dense first): on a CPU, with members sharded over devices (GSPMD partitioning would not split
+    the kernel's custom call), and on a JAX without Pallas's Triton backend (deprecated in 0.11)."""
+    if jax.default_backend() != "gpu" or jax.device_count() != 1:
+        return "xla"
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return "xla"
+    return "pallas"
 
 
 def value_and_grad(loss_fn, params, *args):
