@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of this project in one call, for a short device lease:
 #   run: bash benchmarks/gpu_check.sh   (carry .whl: flax/optax wheels used only if the machine's differ)
+#   on a CPU, to try the script: OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh --quick   (extra args go to throughput.py)
 # Writes JSON, logs and the plot under $OUT (default benchmarks/results). At most about 7 minutes.
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -22,4 +23,4 @@ timeout 90 python3 benchmarks/lowrank_check.py --out "$OUT/lowrank-check-gpu.jso
   || VARIANTS=fp32,bf16,bf16_state
 cat "$OUT/lowrank-check-gpu.log"
 timeout 300 python3 benchmarks/throughput.py --budget-s "${BUDGET_S:-240}" --variants "$VARIANTS" \
-  --out "$OUT/throughput-gpu.json" 2>&1 | tee "$OUT/throughput-gpu.log"
+  --out "$OUT/throughput-gpu.json" "$@" 2>&1 | tee "$OUT/throughput-gpu.log"
