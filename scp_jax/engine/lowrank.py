@@ -6,7 +6,7 @@ writes W, mu, nu: 11 accesses (benchmarks/throughput.py). But on B rows dW = x^T
 most B, so
 - its squared norm is sum((x x^T) * (dy dy^T)), from two [B, B] Gram matrices, and
 - the update can form each tile of x^T dy where it reads that tile of W, mu and nu.
-Then dW never goes through memory: 8 accesses. On a GPU a Pallas (Triton) kernel fuses the
+Then dW never goes through memory: 8 accesses. On one GPU a Pallas (Triton) kernel fuses the
 product into AdamW; elsewhere XLA forms x^T dy first and runs the same update (engine/optim.py),
 which still saves the norm's read.
 
