@@ -22,7 +22,7 @@ import numpy as np
 
 from scp_jax.atomic import write_text
 from scp_jax.engine import lowrank, optim
-from scp_jax.precision import store
+
 
 def compare(dtype, members=3, n_in=1024, n_out=18211, rows=32):
     """Each member has its own rate; the middle one is frozen (`active` False), as in the engine."""
@@ -34,15 +34,17 @@ def compare(dtype, members=3, n_in=1024, n_out=18211, rows=32):
     active = jnp.arange(members) % 2 == 0
     seed = jnp.arange(members, dtype=jnp.uint32) if dtype == jnp.bfloat16 else None
 
+    def scalars(rate, active):  # clip scale, rate, weight decay, bias corrections, active
+        return 0.5, rate, 1e-4, 0.19, 0.0199, active
+
     def fused(p, m, v, x, dy, rate, active, seed):
-        scalars = (0.5, rate, 1e-4, 0.19, 0.0199, active)  # clip scale, rate, weight decay, bias corrections
-        return lowrank.fused_update(optim.adamw, p, m, v, lowrank.Factored(x, dy), scalars, seed)
+        return lowrank.fused_update(optim.adamw, p, m, v, lowrank.Factored(x, dy), scalars(rate, active), seed)
 
     def unfused(p, m, v, x, dy, rate, active, seed):
         g = jnp.matmul(x.T, dy)  # default precision, like the kernel
         new = optim.adamw(p.astype(jnp.float32), g, m.astype(jnp.float32), v.astype(jnp.float32),
-                          0.5, rate, 1e-4, 0.19, 0.0199, active)
-        return [store(a, dtype, None if seed is None else seed + jnp.uint32(k)) for k, a in enumerate(new)]
+                          *scalars(rate, active))
+        return optim.store_leaf(new, dtype, seed)
 
     in_axes = (0,) * 7 + (None if seed is None else 0,)
     got = jax.jit(jax.vmap(fused, in_axes))(p, m, v, x, dy, rate, active, seed)

@@ -82,6 +82,12 @@ def lion(p, g, m, v, clip_scale, rate, weight_decay, active):
     return jnp.where(active > 0, p_new, p), jnp.where(active > 0, m_new, m), v
 
 
+def store_leaf(values, dtype, seed=None):
+    """A leaf's new (p, mu, nu) in its dtype; with a `seed`, bf16 rounding seeded seed, seed + 1, seed + 2
+    (the fused kernel in engine/lowrank.py seeds them the same way)."""
+    return tuple(store(x, dtype, None if seed is None else seed + jnp.uint32(k)) for k, x in enumerate(values))
+
+
 def step(params, grads, state, active=True, rounding_seed=None, lion_branch=False, lowrank_impl="xla"):
     """One clipped, scheduled AdamW or Lion step; returns (params, state). `active=False` returns them
     unchanged.
@@ -113,7 +119,7 @@ def step(params, grads, state, active=True, rounding_seed=None, lion_branch=Fals
         if lion_branch:
             lion_new = lion(old[0], g, old[1], old[2], clip_scale, rate, hp["weight_decay"], active)
             new = [jnp.where(is_lion, a, b) for a, b in zip(lion_new, new)]
-        return tuple(store(x, p.dtype, None if seed is None else seed + jnp.uint32(k)) for k, x in enumerate(new))
+        return store_leaf(new, p.dtype, seed)
 
     out = jax.tree.map(leaf, params, grads, state.mu, state.nu)
     outer = jax.tree.structure(params)
