@@ -212,3 +212,38 @@ def test_cli_and_feature_specs_embed_the_compound_vocabulary(tiny_safetensors, t
     np.testing.assert_allclose(on_the_fly, expected, atol=1e-6)
     assert len(list((tmp_path / "cache" / "features").glob("chemberta-*.npy"))) == 1
     np.testing.assert_array_equal(compound_features(f"chemberta-model:{directory}", SMILES), on_the_fly)
+
+
+def test_folder_without_tokenizer_files_or_with_a_bigger_tokenizer_is_refused(tiny_safetensors, tmp_path):
+    """transformers silently builds a special-tokens-only tokenizer: every SMILES would embed the same."""
+    import json
+    import shutil
+
+    directory = tiny_safetensors[0]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(directory / name, bare / name)
+    with pytest.raises(UserError, match="no vocabulary beyond its special tokens"):
+        chemberta.load_chemberta(bare)
+    small = tmp_path / "small"
+    shutil.copytree(directory, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
+    with pytest.raises(UserError, match="has vocab_size 10; tokenizer and weights are from different models"):
+        chemberta.load_chemberta(small)
+
+
+def test_out_of_vocabulary_ids_and_non_finite_embeddings_are_refused():
+    """nnx.Embed returns NaN for an id past the table; NaN weights would poison the features file."""
+    hf_config = roberta_config(vocab_size=12, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=8, max_position_embeddings=20)
+    config = chemberta.encoder_config(hf_config)
+    tensors = random_checkpoint(hf_config)
+    tensors["roberta.embeddings.word_embeddings.weight"][5] = np.nan
+    encoder = chemberta.load_encoder({k.removeprefix("roberta."): v for k, v in tensors.items()}, config)
+    assert np.isfinite(chemberta.embed_token_ids(encoder, config, [[0, 6, 2]], batch_size=2)).all()
+    with pytest.raises(UserError, match="token id 12 of SMILES 'CCO' is outside the model's vocabulary"):
+        chemberta.embed_token_ids(encoder, config, [[0, 6, 2], [0, 12, 2]], batch_size=2, names=["x", "SMILES 'CCO'"])
+    with pytest.raises(UserError, match="embedding of sequence 1 is not finite"):
+        chemberta.embed_token_ids(encoder, config, [[0, 6, 2], [0, 5, 2]], batch_size=2)

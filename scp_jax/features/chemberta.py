@@ -251,7 +251,21 @@ def load_chemberta(model=DEFAULT_MODEL):
     except (OSError, ValueError) as err:
         raise UserError(f"{offline_hint(model)} ({str(err).splitlines()[0]})") from None
     config = encoder_config(hf_config)
+    check_tokenizer(tokenizer, config, model_dir)
     return ChemBERTa(tokenizer, config, load_encoder(read_checkpoint(model_dir), config))
+
+
+def check_tokenizer(tokenizer, config: EncoderConfig, model_dir):
+    """Refuse a tokenizer that cannot feed these weights: without its vocabulary files transformers
+    builds one of special tokens only, which maps every SMILES to the same ids (identical embeddings)."""
+    vocab = tokenizer.get_vocab()
+    if not set(vocab) - set(tokenizer.all_special_tokens):
+        raise UserError(f"{model_dir}: the ChemBERTa tokenizer has no vocabulary beyond its special tokens; "
+                        "the folder needs the model's tokenizer files (vocab.json and merges.txt, or tokenizer.json)")
+    size = max(vocab.values()) + 1
+    if size > config.vocab_size:
+        raise UserError(f"{model_dir}: the ChemBERTa tokenizer has ids up to {size - 1}, but config.json has "
+                        f"vocab_size {config.vocab_size}; tokenizer and weights are from different models")
 
 
 def pool(hidden, attention_mask, pooling):
@@ -288,12 +302,22 @@ def tokenize(tokenizer, smiles, max_tokens):
     return tokenizer(list(smiles), truncation=True, max_length=max_tokens)["input_ids"]
 
 
-def embed_token_ids(encoder, config: EncoderConfig, token_ids, *, pooling="cls", batch_size=64):
-    """[n, hidden] float32 embeddings; batches are grouped by length and padded to fixed shapes."""
+def embed_token_ids(encoder, config: EncoderConfig, token_ids, *, pooling="cls", batch_size=64, names=None):
+    """[n, hidden] float32 embeddings; batches are grouped by length and padded to fixed shapes.
+
+    `names[i]` (default: 'sequence i') labels input i in errors. Ids outside the embedding table and
+    non-finite outputs are refused: nnx.Embed returns NaN for such ids instead of failing.
+    """
     if pooling not in POOLINGS:
         raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
+    label = (lambda row: names[row]) if names is not None else (lambda row: f"sequence {row}")
+    for row, ids in enumerate(token_ids):
+        bad = [i for i in ids if not 0 <= i < config.vocab_size]
+        if bad:
+            raise UserError(f"ChemBERTa token id {bad[0]} of {label(row)} is outside the model's vocabulary "
+                            f"(vocab_size {config.vocab_size}); tokenizer and weights do not match")
     graphdef, params = nnx.split(encoder)
     order = np.argsort([len(ids) for ids in token_ids], kind="stable")
     out = np.zeros((len(token_ids), config.hidden_size), np.float32)
@@ -307,13 +331,19 @@ def embed_token_ids(encoder, config: EncoderConfig, token_ids, *, pooling="cls",
             attention_mask[slot, : len(token_ids[row])] = 1
         pooled = _embed_batch(graphdef, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), pooling)
         out[rows] = np.asarray(pooled)[: len(rows)]
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise UserError(f"ChemBERTa embedding of {label(row)} is not finite; do the checkpoint's weights hold NaN or Inf?")
     return out
 
 
 def embed_with(chemberta: ChemBERTa, smiles: Sequence[str], *, pooling="cls", batch_size=64):
     """Embedding of each SMILES by a loaded model: float32 [n_smiles, hidden_size]."""
     token_ids = tokenize(chemberta.tokenizer, smiles, chemberta.config.max_tokens)
-    return embed_token_ids(chemberta.encoder, chemberta.config, token_ids, pooling=pooling, batch_size=batch_size)
+    names = [f"SMILES {text!r}" for text in smiles]
+    return embed_token_ids(chemberta.encoder, chemberta.config, token_ids, pooling=pooling, batch_size=batch_size,
+                           names=names)
 
 
 def embed_smiles(smiles: Sequence[str], model=DEFAULT_MODEL, *, pooling="cls", batch_size=64):
