@@ -124,3 +124,18 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "error: invalid SMILES in row 0: 'C1CC(not a molecule'"
     assert not list(tmp_path.glob("*.npz"))
+
+
+@pytest.mark.parametrize("features, message", [
+    (np.zeros((1, 2), np.float32), r"'features' has 1 rows for 2 SMILES"),
+    (np.zeros(2, np.float32), r"'features' must be a 2-D numeric array"),
+    (np.array([[0.0, 1.0], [2.0, np.nan]], np.float32),
+     r"'features' has value nan, not a finite float32, at row 1 \(SMILES 'O'\), column 1"),
+    (np.array([[0.0, 1e300], [2.0, 3.0]]),
+     r"'features' has value 1e\+300, not a finite float32, at row 0 \(SMILES 'CCO'\), column 1"),
+])
+def test_feature_file_with_wrong_shape_or_non_finite_values_is_refused(tmp_path, features, message):
+    path = tmp_path / "features.npz"
+    np.savez(path, smiles=np.array(["CCO", "O"]), features=features)
+    with pytest.raises(UserError, match=f"^{path}: {message}"):
+        compound_features(f"chemberta:{path}", ["CCO"])

@@ -7,6 +7,7 @@ format version), so a stale entry can never be returned; entries are plain `.npy
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -61,16 +62,37 @@ def _parse_options(text: str, defaults: dict, spec: str) -> dict:
     return options
 
 
+def _check_feature_file(path, smiles, features):
+    """One row of finite numbers per stored SMILES, so a truncated or NaN file fails here, not in training."""
+    if smiles.ndim != 1:
+        raise UserError(f"{path}: 'smiles' must be 1-D, got shape {smiles.shape}; regenerate it")
+    if features.ndim != 2 or features.dtype.kind not in "biuf":
+        raise UserError(f"{path}: 'features' must be a 2-D numeric array, got {features.dtype} of shape "
+                        f"{features.shape}; regenerate it")
+    if len(features) != len(smiles):
+        raise UserError(f"{path}: 'features' has {len(features)} rows for {len(smiles)} SMILES; regenerate it")
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf in training
+        finite = np.isfinite(features.astype(np.float32))
+    if not finite.all():
+        row, column = (int(i) for i in np.argwhere(~finite)[0])
+        raise UserError(f"{path}: 'features' has value {features[row, column]}, not a finite float32, at row {row} "
+                        f"(SMILES {str(smiles[row])!r}), column {column}; regenerate it")
+
+
 def load_feature_file(path, smiles: Sequence[str]) -> np.ndarray:
     """Rows of a features `.npz` (from `python -m scp_jax.features`) aligned to `smiles` by SMILES."""
     path = Path(path)
     if path.suffix != ".npz" or not path.is_file():
         raise UserError(f"no features file {str(path)!r}: expected the .npz written by `python -m scp_jax.features`")
-    with np.load(path, allow_pickle=False) as stored:
-        if not {"smiles", "features"} <= set(stored.files):
-            raise UserError(f"{path} lacks 'smiles'/'features' arrays; write it with `python -m scp_jax.features`")
-        row_of = {s: row for row, s in reversed(list(enumerate(stored["smiles"].tolist())))}
-        features = stored["features"]
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if not {"smiles", "features"} <= set(stored.files):
+                raise UserError(f"{path} lacks 'smiles'/'features' arrays; write it with `python -m scp_jax.features`")
+            stored_smiles, features = stored["smiles"], stored["features"]
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # corrupt, or object arrays that need pickle
+        raise UserError(f"{path}: not a readable features .npz ({str(err).splitlines()[0]}); regenerate it") from None
+    _check_feature_file(path, stored_smiles, features)
+    row_of = {s: row for row, s in reversed(list(enumerate(stored_smiles.tolist())))}
     missing = [s for s in smiles if s not in row_of]
     if missing:
         raise UserError(f"{path} has no features for {len(missing)} SMILES, e.g. {missing[0]!r}; regenerate it")

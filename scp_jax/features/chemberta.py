@@ -334,7 +334,8 @@ def embed_token_ids(encoder, config: EncoderConfig, token_ids, *, pooling="cls",
     finite = np.isfinite(out).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise UserError(f"ChemBERTa embedding of {label(row)} is not finite; do the checkpoint's weights hold NaN or Inf?")
+        raise UserError(f"ChemBERTa embedding of {label(row)} is not finite; "
+                        "do the checkpoint's weights hold NaN or Inf?")
     return out
 
 
