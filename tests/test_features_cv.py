@@ -95,6 +95,34 @@ def test_svd_targets_round_trip_at_full_rank():
         fold_svd(targets, masks, 25, "targets.svd")
 
 
+def test_svd_gram_route_spans_numpys_float64_subspace():
+    """Genes > rows (every real run): the Gram route's basis is orthonormal and spans np.linalg.svd's top k."""
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(40, 300)) * rng.lognormal(0.0, 1.0, 300)
+    masks = np.stack([np.arange(40) % 4 != 0, np.ones(40, bool)])
+    svd = fold_svd(targets, masks, 29, "targets.svd")  # fold 0: 30 rows, centered rank 29
+    for slot, k in ((0, 29), (1, 29)):
+        rows = targets[masks[slot]]
+        _, _, vt = np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
+        basis = svd.basis[slot]
+        np.testing.assert_allclose(svd.mean[slot], rows.mean(axis=0), atol=1e-12)
+        np.testing.assert_allclose(basis @ basis.T, np.eye(k), atol=1e-10)
+        np.testing.assert_allclose(basis.T @ basis, vt[:k].T @ vt[:k], atol=1e-8)
+    with pytest.raises(UserError, match="targets.svd = 30 exceeds the rank bound 29 .* of fold 0"):
+        fold_svd(targets, masks, 30, "targets.svd")
+
+
+@pytest.mark.parametrize("genes", [300, 24])
+def test_svd_past_the_numerical_rank_of_a_fold_is_refused(genes):
+    """4 distinct rows, repeated: centered rank 3, so a 4th vector would be rounding noise."""
+    targets = np.repeat(np.random.default_rng(2).normal(size=(4, genes)), 10, axis=0)
+    masks = np.ones((2, 40), bool)
+    basis = fold_svd(targets, masks, 3, "target_encoding.svd").basis[0]
+    np.testing.assert_allclose(basis @ basis.T, np.eye(3), atol=1e-10)
+    with pytest.raises(UserError, match="target_encoding.svd = 4 exceeds the rank 3 .* of fold 0; lower"):
+        fold_svd(targets, masks, 4, "target_encoding.svd")
+
+
 def test_svd_decoder_on_device_uses_the_members_fold(train):
     config = load_config(None, ["targets.svd=5"])
     folds = make_folds("kfold", train, 3, 0)

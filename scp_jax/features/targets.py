@@ -25,31 +25,47 @@ class TargetSVD:
 
 
 def top_right_singular_vectors(x, k):
-    """Top-k right singular vectors [k, n] of x [m, n], via the eigenvectors of the smaller Gram matrix.
+    """Top-k singular values [k] and right singular vectors [k, n] of x [m, n], via the eigenvectors of
+    the smaller Gram matrix.
 
     With m ~ 500 rows and n ~ 18k genes, eigh of the m x m Gram matrix is ~4x cheaper than a full SVD.
+    A singular value is the norm of x's projection on its vector, not the square root of a Gram
+    eigenvalue, which squares the scale and leaves a zero singular value at ~1e-8 of the first.
     """
     m, n = x.shape
     if n <= m:
         _, vectors = np.linalg.eigh(x.T @ x)
-        return vectors[:, ::-1][:, :k].T
-    values, vectors = np.linalg.eigh(x @ x.T)
-    values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
-    vt = vectors.T @ x / np.sqrt(np.maximum(values, 1e-300))[:, None]
-    return vt / np.linalg.norm(vt, axis=1, keepdims=True)  # re-normalize rows the Gram route left slightly off
+        vt = vectors[:, ::-1][:, :k].T
+        return np.linalg.norm(vt @ x.T, axis=1), vt
+    _, vectors = np.linalg.eigh(x @ x.T)
+    vt = vectors[:, ::-1][:, :k].T @ x  # rows: left singular vector times x = singular value times right one
+    values = np.linalg.norm(vt, axis=1)
+    return values, vt / np.maximum(values, 1e-300)[:, None]
 
 
 def fold_svd(targets, train_masks, k, what):
-    """Mean and top-k right singular vectors of each slot's centered training targets (float64 fit)."""
+    """Mean and top-k right singular vectors of each slot's centered training targets (float64 fit).
+
+    Centering costs one rank, so k is bounded by min(rows - 1, genes); past the targets' numerical
+    rank the extra vectors would be rounding noise, not orthonormal, so that is refused too.
+    """
     means, bases = [], []
-    for mask in train_masks:
+    last = len(train_masks) - 1
+    for slot, mask in enumerate(train_masks):
+        name = "the all-rows slot" if slot == last else f"fold {slot}"
         rows = np.asarray(targets[mask], np.float64)
-        mean = rows.mean(axis=0)
-        bound = min(rows.shape)
+        bound = min(len(rows) - 1, rows.shape[1])
         if k > bound:
-            raise UserError(f"config: {what} = {k} exceeds the rank bound {bound} of a fold's training targets")
+            raise UserError(f"config: {what} = {k} exceeds the rank bound {bound} (min(rows - 1, genes)) of the "
+                            f"centered training targets of {name}; lower {what}")
+        mean = rows.mean(axis=0)
+        values, basis = top_right_singular_vectors(rows - mean, k)
+        if values[-1] <= 1e-12 * values[0]:
+            rank = int(np.sum(values > 1e-12 * values[0]))
+            raise UserError(f"config: {what} = {k} exceeds the rank {rank} of the centered training targets of "
+                            f"{name}; lower {what} to at most {rank}")
         means.append(mean)
-        bases.append(top_right_singular_vectors(rows - mean, k))
+        bases.append(basis)
     return TargetSVD(mean=np.stack(means), basis=np.stack(bases))
 
 
