@@ -118,11 +118,13 @@ def test_cli_writes_features_in_compound_vocabulary_order(tmp_path, command, cap
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
-    data = write_train(tmp_path / "de_train.parquet", {"Broken": "C1CC(not a molecule"})
+    """The compound sorts first but sits at file rows 2-3: the message names the file's row."""
+    data = write_train(tmp_path / "de_train.parquet", {"Zeta": "CCO", "Broken": "C1CC(not a molecule"})
     with pytest.raises(SystemExit) as exit_info:
         features_main(["morgan", "--data", str(data), "--out", str(tmp_path / "f.npz")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: invalid SMILES in row 0: 'C1CC(not a molecule'"
+    assert capsys.readouterr().err.strip() == (f"error: {data}: column 'SMILES' has invalid SMILES "
+                                               "'C1CC(not a molecule' for compound 'Broken' (first at row 2)")
     assert not list(tmp_path.glob("*.npz"))
 
 
@@ -139,3 +141,17 @@ def test_feature_file_with_wrong_shape_or_non_finite_values_is_refused(tmp_path,
     np.savez(path, smiles=np.array(["CCO", "O"]), features=features)
     with pytest.raises(UserError, match=f"^{path}: {message}"):
         compound_features(f"chemberta:{path}", ["CCO"])
+
+
+@pytest.mark.parametrize("spec", ["morgan", "descriptors"])
+def test_training_features_name_the_bad_smiles_file_row(tmp_path, monkeypatch, spec):
+    from scp_jax.config import load_config
+    from scp_jax.data.dataset import load_train
+    from scp_jax.features.tables import build_tables
+
+    monkeypatch.setenv("SCP_JAX_CACHE", str(tmp_path))
+    data = write_train(tmp_path / "de_train.parquet", {"Zeta": "CCO", "Alpha": "c1ccccc1", "Beta": "C1CC(bad"})
+    config = load_config(None, [f'features=["{spec}"]'])
+    with pytest.raises(UserError, match=rf"^{data}: column 'SMILES' has invalid SMILES 'C1CC\(bad' for compound "
+                                        r"'Beta' \(first at row 4\)$"):
+        build_tables(config, load_train(data), np.ones((1, 6), bool))

@@ -12,6 +12,7 @@ import numpy as np
 
 from scp_jax.atomic import atomic_path
 from scp_jax.errors import UserError, cli_main
+from scp_jax.features.molecular import morgan_fingerprints, rdkit_descriptors, smiles_errors_of
 
 
 def _parser():
@@ -39,8 +40,6 @@ def _featurizer(args):
 
         model = load_chemberta(args.model)
         return lambda smiles: embed_with(model, smiles, pooling=args.pooling, batch_size=args.batch_size)
-    from scp_jax.features.molecular import morgan_fingerprints, rdkit_descriptors
-
     if args.command == "morgan":
         return lambda smiles: morgan_fingerprints(smiles, radius=args.radius, n_bits=args.bits, counts=args.counts)
     return rdkit_descriptors
@@ -67,7 +66,8 @@ def main(argv=None):
         args.data = default_world() / "de_train.parquet"
     train = load_train(args.data)
     start = time.perf_counter()
-    features = featurize(list(train.compound_smiles))
+    with smiles_errors_of(train):
+        features = featurize(list(train.compound_smiles))
     write_features(args.out, train.compounds, train.compound_smiles, features)
     print(f"wrote {args.out}: {args.command} features {features.shape[0]} compounds x {features.shape[1]} "
           f"in {time.perf_counter() - start:.1f}s")

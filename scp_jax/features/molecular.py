@@ -1,5 +1,6 @@
 """RDKit compound features: Morgan fingerprints and standardized 2D descriptors, float32 [n_smiles, d]."""
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -7,8 +8,16 @@ import numpy as np
 from scp_jax.errors import UserError
 
 
+class InvalidSmiles(UserError):
+    """An unparsable SMILES; `smiles_errors_of` turns it into a message naming the training file's row."""
+
+    def __init__(self, row, text):
+        super().__init__(f"invalid SMILES in row {row}: {text!r}")
+        self.text = text
+
+
 def parse_smiles(smiles: Sequence[str]):
-    """RDKit molecules; an unparsable SMILES is a user error naming its row."""
+    """RDKit molecules; an unparsable SMILES is a user error naming its position in `smiles`."""
     from rdkit import Chem, rdBase
 
     molecules = []
@@ -16,9 +25,22 @@ def parse_smiles(smiles: Sequence[str]):
         for row, text in enumerate(smiles):
             molecule = Chem.MolFromSmiles(text) if isinstance(text, str) and text else None
             if molecule is None:
-                raise UserError(f"invalid SMILES in row {row}: {text!r}")
+                raise InvalidSmiles(row, text)
             molecules.append(molecule)
     return molecules
+
+
+@contextlib.contextmanager
+def smiles_errors_of(train):
+    """Report a bad SMILES among `train`'s compounds by file, column, compound and first file row:
+    featurizers see the sorted compound list, whose positions mean nothing to the file's author."""
+    try:
+        yield
+    except InvalidSmiles as err:
+        names = {name for name, text in zip(train.compounds, train.compound_smiles) if text == err.text}
+        row = next(row for row, name in enumerate(train.sm_name) if name in names)
+        raise UserError(f"{train.source}: column 'SMILES' has invalid SMILES {err.text!r} for compound "
+                        f"{train.sm_name[row]!r} (first at row {row})") from None
 
 
 def morgan_fingerprints(smiles: Sequence[str], *, radius=2, n_bits=2048, counts=False):

@@ -71,8 +71,10 @@ def build_tables(config, train, train_masks):
             fold_compound.append(compounds)
         elif kind in COMPOUND_KINDS:
             from scp_jax.features.cache import compound_features
+            from scp_jax.features.molecular import smiles_errors_of
 
-            compound.append(compound_features(name, train.compound_smiles))
+            with smiles_errors_of(train):
+                compound.append(compound_features(name, train.compound_smiles))
         else:
             raise UserError(f"config: unknown feature set {name!r}; valid: {FEATURE_SETS}")
     return FeatureTables(
