@@ -90,6 +90,42 @@ def test_non_finite_target(capsys, world):
     assert_one_line_error(*run_cli(capsys, "check", path)[::2], "'G00005'", "non-finite", "row 11")
 
 
+def tiny_table(path, **columns):
+    """A two-row de_train.parquet written by pyarrow, which allows what pandas would not (repeated names)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = dict(cell_type=["B cells", "NK cells"], sm_name=["A", "A"], sm_lincs_id=["L", "L"],
+                SMILES=["CCO", "CCO"], control=[False, False])
+    names = [*base, *(name.split("__")[0] for name in columns)]  # G1__2 -> a second column named G1
+    pq.write_table(pa.Table.from_arrays([pa.array(v) for v in [*base.values(), *columns.values()]], names=names), path)
+    return path
+
+
+@pytest.mark.filterwarnings("error")  # no RuntimeWarning from the float32 cast either
+@pytest.mark.parametrize("columns, fragments", [
+    (dict(G1=[1.0, 2.0], G1__2=[3.0, 4.0]), ["column 'G1' appears twice (columns 5 and 6)"]),
+    (dict(G1=[1.0, 1e300]), ["gene column 'G1' has value 1e+300 beyond the float32 range at row 1 (NK cells, A)"]),
+    (dict(G1=[1.0, None]), ["gene column 'G1' has null value at row 1 (NK cells, A)"]),
+])
+def test_repeated_columns_and_values_beyond_float32(capsys, tmp_path, columns, fragments):
+    path = tiny_table(tmp_path / "de_train.parquet", **columns)
+    assert_one_line_error(*run_cli(capsys, "check", path)[::2], f"error: {path}: ", *fragments)
+
+
+@pytest.mark.parametrize("column", ["cell_type", "sm_name", "SMILES"])
+def test_meta_column_without_a_text_form(capsys, tmp_path, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tiny_table(tmp_path / "de_train.parquet", G1=[1.0, 2.0])
+    table = pq.read_table(path)
+    table = table.set_column(table.column_names.index(column), column, pa.array([["x"], ["y"]]))
+    pq.write_table(table, path)
+    assert_one_line_error(*run_cli(capsys, "check", path)[::2],
+                          f"error: {path}: column '{column}' must hold text, got list<element: string>")
+
+
 def test_duplicate_row(capsys, world):
     path = rewrite_train(world, lambda f: f.assign(
         cell_type=f["cell_type"].where(f.index != 5, f["cell_type"][0]),

@@ -72,7 +72,15 @@ def _meta_strings(table, path, column):
     if values.null_count:
         row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
         raise UserError(f"{path}: column '{column}' is empty at {_row_label(table, row)}")
-    return np.asarray(values.cast(pa.string()).to_pylist(), dtype=object)
+    return np.asarray(_as_strings(values, path, column), dtype=object)
+
+
+def _as_strings(values, path, column):
+    """A column as Python strings; a type without a text form (a list, a struct) is a user error."""
+    try:
+        return values.cast(pa.string()).to_pylist()
+    except pa.ArrowException:
+        raise UserError(f"{path}: column '{column}' must hold text, got {values.type}") from None
 
 
 def _control_flags(table, path):
@@ -96,12 +104,19 @@ def _target_matrix(table, path, genes):
             raise UserError(
                 f"{path}: gene column '{gene}' is not numeric ({column.type}): {show(value)} at {_row_label(table, bad)}"
             )
-        targets[:, j] = column.to_numpy()  # nulls become NaN and are caught below
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, reported below
+            targets[:, j] = column.to_numpy()  # nulls become NaN and are caught below
     finite = np.isfinite(targets)
     if not finite.all():
-        row, j = np.argwhere(~finite)[0]
-        value = "null" if table.column(genes[j])[int(row)].as_py() is None else targets[row, j]
-        raise UserError(f"{path}: gene column '{genes[j]}' has non-finite value {value} at {_row_label(table, int(row))}")
+        row, j = (int(i) for i in np.argwhere(~finite)[0])
+        value = table.column(genes[j])[row].as_py()
+        if value is None:
+            problem = "null value"
+        elif np.isfinite(value):
+            problem = f"value {show(value)} beyond the float32 range"
+        else:
+            problem = f"non-finite value {value}"
+        raise UserError(f"{path}: gene column '{genes[j]}' has {problem} at {_row_label(table, row)}")
     return targets
 
 
@@ -120,6 +135,10 @@ def _is_number(value):
 def load_train(path) -> TrainSet:
     """Read de_train.parquet: metadata columns, then every other column is a gene target."""
     table = _read_parquet(path)
+    seen = {}
+    for position, column in enumerate(table.column_names):
+        if seen.setdefault(column, position) != position:
+            raise UserError(f"{path}: column '{column}' appears twice (columns {seen[column]} and {position})")
     for column in META_COLUMNS:
         if column not in table.column_names:
             raise UserError(f"{path}: missing required column '{column}'")
@@ -132,7 +151,7 @@ def load_train(path) -> TrainSet:
     cell_type = _meta_strings(table, path, "cell_type")
     sm_name = _meta_strings(table, path, "sm_name")
     sm_lincs_id = _meta_strings(table, path, "sm_lincs_id")
-    smiles = np.asarray(["" if s is None else s for s in table.column("SMILES").cast(pa.string()).to_pylist()], object)
+    smiles = np.asarray(["" if s is None else s for s in _as_strings(table.column("SMILES"), path, "SMILES")], object)
     control = _control_flags(table, path)
 
     first_seen = {}
