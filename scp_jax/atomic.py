@@ -7,6 +7,24 @@ import tempfile
 from pathlib import Path
 
 
+def _umask():
+    """The process umask, read without changing it where Linux shows it; os.umask can only set it,
+    so elsewhere it is set to 0o077 for an instant (tightening, never loosening, other threads' files)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory=False):
+    """The mode open() or mkdir() would give a new file or folder; mkstemp and mkdtemp give 0600 and
+    0700, which would leave every atomic output unreadable to other users."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the target's folder; rename it onto `path` only on success."""
@@ -16,6 +34,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,6 +1,8 @@
 """Loader validation: each bad input gives exit code 2 and one `error:` line naming the problem."""
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -189,3 +191,17 @@ def test_write_submission_refuses_non_finite(tmp_path):
     with pytest.raises(UserError, match="non-finite"):
         write_submission(tmp_path / "sub.csv", np.arange(2), ("A", "B"), np.array([[0.0, np.nan], [1.0, 2.0]]))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask, mode):
+    from scp_jax.atomic import write_text
+
+    previous = os.umask(umask)
+    try:
+        write_text(tmp_path / "out.txt", "x")
+        write_submission(tmp_path / "sub.csv", np.arange(1), ("A",), np.zeros((1, 1)))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "sub.csv").stat().st_mode) == mode

@@ -2,6 +2,8 @@
 
 import filecmp
 import json
+import os
+import stat
 
 import numpy as np
 import pandas as pd
@@ -91,11 +93,37 @@ def test_score_rejects_submission_missing_an_id(small_world, tmp_path, capsys):
 
 def test_default_world_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SCP_JAX_CACHE", str(tmp_path))
-    world = default_world(genes=8, seed=3)
+    previous = os.umask(0o022)
+    try:
+        world = default_world(genes=8, seed=3)
+    finally:
+        os.umask(previous)
     assert world == tmp_path / "worlds" / "synth-g8-s3"
+    # readable by other users: not mkdtemp's 0700 nor mkstemp's 0600
+    assert stat.S_IMODE(world.stat().st_mode) == 0o755
+    assert {stat.S_IMODE((world / name).stat().st_mode) for name in WORLD_FILES} == {0o644}
     stamp = (world / "de_train.parquet").stat().st_mtime_ns
     assert default_world(genes=8, seed=3) == world
     assert (world / "de_train.parquet").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "worlds").iterdir()] == ["synth-g8-s3"]  # no temp folders left
+
+
+def test_default_world_keeps_the_one_a_concurrent_caller_installed_while_building(tmp_path, monkeypatch):
+    from scp_jax.data import synth
+
+    monkeypatch.setenv("SCP_JAX_CACHE", str(tmp_path))
+    target = tmp_path / "worlds" / "synth-g8-s3"
+
+    def racing(out_dir, **kwargs):
+        """A stand-in builder (default_world reads only world.json) that another caller beats."""
+        for folder in (target, out_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "world.json").write_text(json.dumps({"version": synth.VERSION}))
+        (target / "theirs").write_text("")
+
+    monkeypatch.setattr(synth, "make_world", racing)
+    assert default_world(genes=8, seed=3) == target
+    assert (target / "theirs").exists()
     assert [p.name for p in (tmp_path / "worlds").iterdir()] == ["synth-g8-s3"]  # no temp folders left
 
 

@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scp_jax.atomic import atomic_path, write_text
+from scp_jax.atomic import atomic_path, default_mode, write_text
 from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
 from scp_jax.errors import UserError
 
@@ -366,7 +366,8 @@ def default_world(genes=18211, seed=0) -> Path:
     """The cached world for (genes, seed) under $SCP_JAX_CACHE (default ~/.cache/scp_jax).
 
     Built once in a temporary folder and renamed into place, so concurrent callers never see a
-    half-written world; a world from another generator version is rebuilt.
+    half-written world; a world from another generator version is rebuilt, and one a concurrent
+    caller installed while this one was building is kept.
     """
     root = Path(os.environ.get("SCP_JAX_CACHE") or Path.home() / ".cache" / "scp_jax") / "worlds"
     world = root / f"synth-g{genes}-s{seed}"
@@ -376,6 +377,9 @@ def default_world(genes=18211, seed=0) -> Path:
     build = Path(tempfile.mkdtemp(prefix=f".{world.name}.", dir=root))
     try:
         make_world(build, genes=genes, seed=seed)
+        os.chmod(build, default_mode(directory=True))  # mkdtemp's 0700 would hide the world from other users
+        if _world_version(world) == VERSION:  # a concurrent caller installed it meanwhile: keep theirs
+            return world
         if world.exists():  # stale version: move it aside first, rename cannot replace a folder
             stale = Path(tempfile.mkdtemp(prefix=f".{world.name}.stale.", dir=root))
             os.replace(world, stale / "world")
