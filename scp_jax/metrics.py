@@ -46,12 +46,13 @@ def fit_baselines(targets, cell_index, compound_index, fit_mask, query_cell_inde
     """Predict the query rows with each baseline fitted on `targets[fit_mask]`.
 
     A compound or cell type with no fitted row falls back to zeros (the strong prior on this
-    task); `additive` is cell mean + compound mean - global mean, with the same fallbacks.
+    task); `additive` is cell mean + compound mean - global mean, with the same fallbacks. No query
+    rows (a fold without validation rows) gives empty predictions.
     """
     targets = np.asarray(targets, np.float64)
     fit_mask = np.asarray(fit_mask, bool)
-    n_cells = int(max(cell_index.max(), query_cell_index.max())) + 1
-    n_compounds = int(max(compound_index.max(), query_compound_index.max())) + 1
+    n_cells = 1 + max(np.max(cell_index, initial=-1), np.max(query_cell_index, initial=-1))
+    n_compounds = 1 + max(np.max(compound_index, initial=-1), np.max(query_compound_index, initial=-1))
     tables = {
         "cell_mean": (_group_stat(targets, cell_index, n_cells, fit_mask, np.mean), query_cell_index),
         "cell_median": (_group_stat(targets, cell_index, n_cells, fit_mask, np.median), query_cell_index),

@@ -57,3 +57,11 @@ def test_baseline_falls_back_to_zero_for_unseen_compound():
                           np.array([0]), np.array([1]))
     np.testing.assert_allclose(preds["compound_mean"], [[0, 0]])
     np.testing.assert_allclose(preds["compound_median"], [[0, 0]])
+
+
+def test_baselines_of_no_query_rows_are_empty():
+    """A fold without validation rows: the CV's out-of-fold loop assigns nothing instead of crashing."""
+    targets = np.arange(8.0).reshape(4, 2)
+    empty = np.zeros(0, int)
+    preds = fit_baselines(targets, np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.ones(4, bool), empty, empty)
+    assert {name: p.shape for name, p in preds.items()} == {name: (0, 2) for name in preds}
