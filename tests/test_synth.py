@@ -14,6 +14,7 @@ from scp_jax.data import default_world, load_id_map, load_train, make_world
 from scp_jax.data.__main__ import main
 from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
 from scp_jax.data.synth import Params, _cell_counts, _effect_oracle
+from scp_jax.errors import UserError
 
 TRAIN_ROWS = {"NK cells": 146, "T cells CD4+": 146, "T regulatory cells": 146, "T cells CD8+": 142,
               "B cells": 17, "Myeloid cells": 17}
@@ -89,6 +90,19 @@ def test_score_rejects_submission_missing_an_id(small_world, tmp_path, capsys):
         main(["score", str(small_world), str(tmp_path / "sub.csv")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'sub.csv'}: id 0 from id_map is missing"]
+
+
+def test_hidden_answers_missing_an_id_are_refused(small_world, tmp_path):
+    from scp_jax.data.score import read_answers
+
+    path = tmp_path / "truth.parquet"
+    truth = pd.read_parquet(small_world / "hidden" / "truth.parquet")
+    truth.iloc[:-1].to_parquet(path)
+    ids, genes = truth["id"].to_numpy(), tuple(truth.columns[1:])
+    with pytest.raises(UserError, match=rf"^{path}: id {ids[-1]} from id_map is missing$"):
+        read_answers(path, genes, ids)
+    with pytest.raises(UserError, match=rf"^{path}: missing column 'X'$"):
+        read_answers(path, (*genes, "X"), ids[:-1])
 
 
 def test_default_world_is_cached(tmp_path, monkeypatch):

@@ -19,7 +19,12 @@ def read_answers(path, genes, ids):
     if not path.is_file():
         raise UserError(f"{path}: file not found (is this a synthetic world?)")
     table = pq.ParquetFile(path).read()
+    missing = [c for c in ("id", *genes) if c not in table.column_names]
+    if missing:
+        raise UserError(f"{path}: missing column '{missing[0]}'")
     order = pd.Index(table.column("id").to_numpy()).get_indexer(ids)
+    if (order < 0).any():  # get_indexer's -1 would silently pick the last row
+        raise UserError(f"{path}: id {show(ids[int(np.flatnonzero(order < 0)[0])])} from id_map is missing")
     return np.stack([table.column(g).to_numpy() for g in genes], axis=1)[order]
 
 
