@@ -145,7 +145,14 @@ def rewrite_id_map(world, change):
 def test_id_map_unknown_compound(capsys, world):
     path = rewrite_id_map(world, lambda f: f.assign(sm_name=f["sm_name"].where(f.index != 4, "Unobtainium")))
     code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
-    assert_one_line_error(code, err, "row 4", "'Unobtainium'", "no SMILES")
+    assert_one_line_error(code, err, "row 4", "'Unobtainium'", "never seen in training data")
+
+
+def test_id_map_compound_without_smiles(capsys, world):
+    compound = pd.read_csv(world / "id_map.csv")["sm_name"][4]
+    rewrite_train(world, lambda f: f.assign(SMILES=f["SMILES"].where(f["sm_name"] != compound, None)))
+    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", world / "id_map.csv")
+    assert_one_line_error(code, err, "row 4", repr(compound), "has no SMILES in training data")
 
 
 def test_id_map_unknown_cell_type(capsys, world):

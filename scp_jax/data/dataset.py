@@ -227,7 +227,9 @@ def load_id_map(path, train: TrainSet) -> Queries:
     for row, (cell, compound) in enumerate(zip(cell_type, sm_name)):
         if cell not in known_cells:
             raise UserError(f"{path}: row {row}: cell type {cell!r} never seen in training data {train.source}")
-        if not smiles_of.get(compound):
+        if compound not in smiles_of:
+            raise UserError(f"{path}: row {row}: compound {compound!r} never seen in training data {train.source}")
+        if not smiles_of[compound]:
             raise UserError(f"{path}: row {row}: compound {compound!r} has no SMILES in training data {train.source}")
     return Queries(
         ids=ids,

@@ -4,8 +4,10 @@ Why: the real test labels are not public, so models are compared on worlds where
 noisy observation of the queried rows) and the Bayes-optimal prediction (the oracle) are known.
 
 Generative model, per (cell type i, compound c, gene g):
-  compound latent  z_c = sqrt(chem) * standardized(MorganBits(SMILES_c) @ A) + sqrt(1 - chem) * noise
-  potency          p_c = exp(sigma * (half chemistry, half noise)): a few potent, many weak compounds
+  compound latent  z_c = sqrt(chem) * standardized(MorganBits(SMILES_c) @ A) + sqrt(1 - chem) * noise,
+                   chem = 0.6 (`chem_share`: the variance share explained by chemistry)
+  potency          p_c = median * exp(sigma * d_c), d_c drawn like one more entry of z_c (60% chemistry,
+                   40% noise by variance): a few potent, many weak compounds
   cell embedding   u_i = shared + deviation; the T/NK types share most of it, B/Myeloid less;
                    factor 0 is a common response, positive in every cell type
   effect           e_icg = cap * tanh(p_c * ((z_c * u_i) @ L + off_target_c)_g / cap)  (fold changes saturate)
