@@ -37,7 +37,7 @@ from scp_jax.config import load_config
 from scp_jax.engine import lowrank
 from scp_jax.engine.ensemble import Data, Ensemble
 from scp_jax.engine.members import MemberTable
-from scp_jax.engine.trainer import kfold_assignment, member_specs, steps_per_epoch
+from scp_jax.engine.trainer import kfold_assignment, member_specs
 from scp_jax.features.tables import FeatureTables
 
 ACCESSES_PER_STEP = {"dense": 11, "xla": 10, "pallas": 8}  # by how the update gets dW
@@ -119,10 +119,9 @@ def compile_chunk(w, data, members, variant, member_table=None):
     config = config_for(w, members, variant)
     table = member_table or MemberTable.from_config(config)
     fold_of_row = kfold_assignment(w["rows"], config.folds, config.seed)
-    specs, val_masks = member_specs(config, table, fold_of_row)
+    specs, _, steps = member_specs(config, table, fold_of_row)
     specs = jax.tree.map(jnp.asarray, specs)
     engine = Ensemble(config, data.tables.layout, w["genes"])
-    steps = steps_per_epoch(~val_masks, config.batch_size)
     state = engine.init(specs)
     start = time.perf_counter()
     compiled = engine.train_chunk.lower(state, specs, data, w["epochs"], steps).compile()

@@ -66,7 +66,7 @@ def test_mixed_loss_is_the_weighted_sum_of_references():
 
 def test_the_l2_prior_covers_dense_kernels_and_biases_only():
     """MLP with LayerNorm: the norms are free. Factorized: both embeddings (biases included, else the
-    CP scale could slip out through them) and the loadings; the offset and the per-gene cap are free."""
+    CP scale could slip out through them) and the loadings; the offset and the cap are free."""
     from flax import nnx
 
     from scp_jax.models.factorized import Factorized

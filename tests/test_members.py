@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from scp_jax.config import load_config
+from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.members import MemberTable
 from scp_jax.engine.trainer import train_ensemble
 from scp_jax.precision import stochastic_round_bf16
@@ -34,6 +36,18 @@ def test_sweep_is_the_product_of_members_and_values():
     assert list(table.fold[:3]) == [0, 1, 2] and list(table.seed[:3]) == [0, 0, 0]
 
 
+def test_a_members_seed_and_fold_both_reach_its_keys():
+    """Members 0 and 3 share fold 0 and differ in seed alone, so only their keys can tell them apart."""
+    config = load_config(None, BASE + ["ensemble=6", "epochs=1"])
+    result = train_ensemble(config, toy_train())
+    assert (result.members.fold[[0, 3]] == 0).all() and list(result.members.seed[[0, 3]]) == [0, 1]
+    assert not np.allclose(member_leaves(result.state, 0)[0], member_leaves(result.state, 3)[0])
+    engine = compiled_ensemble(config, (1, 1, 0, 0), 4)
+    keys = {(seed, fold): jax.random.key_data(engine.member_key(SimpleNamespace(seed=seed, fold=fold), 0)).tobytes()
+            for seed in (0, 1) for fold in (0, 1)}
+    assert len(set(keys.values())) == 4
+
+
 def test_sweep_member_equals_that_member_alone_with_its_hyperparameters():
     """A member of a vmapped sweep == the same member trained alone. Learning rate, dropout, input
     masking, optimizer (AdamW or Lion) and a one-cycle schedule per member; an AdamW member alone
@@ -52,6 +66,16 @@ def test_sweep_member_equals_that_member_alone_with_its_hyperparameters():
             np.testing.assert_allclose(stacked, single, atol=1e-5)
     # Different dropout -> different parameters: the randomness is really per member.
     assert not np.allclose(member_leaves(ensemble.state, 5)[0], member_leaves(ensemble.state, 7)[0])
+
+
+def test_every_members_schedule_ends_at_its_own_last_step():
+    """kfold, 96 rows in 5 folds: 76 or 77 training rows, 19 or 20 batches of 4. A member's surplus
+    batches are empty and do not step, so its schedule must count its own batches only."""
+    config = load_config(None, BASE + ["ensemble=5", "folds=5", "batch_size=4", "epochs=2"])
+    state = train_ensemble(config, toy_train()).state.opt_state
+    count, total = np.asarray(state.count), np.asarray(state.hyperparams["total_steps"])
+    assert set(count) == {38, 40}
+    np.testing.assert_array_equal(count, total)
 
 
 def test_l2_prior_per_member_shrinks_only_its_member():

@@ -21,12 +21,13 @@ def optax_reference(optimizer, schedule, lr=1e-2, wd=1e-3, clip=0.5):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_fused_step_equals_optax(optimizer, schedule):
+@pytest.mark.parametrize("clip", [0.5, 1e3])  # gradients' norm is about 19: clipped, then not
+def test_fused_step_equals_optax(optimizer, schedule, clip):
     keys = jax.random.split(jax.random.key(0), 3)
     params = {"w": jax.random.normal(keys[0], (5, 7)), "b": jax.random.normal(keys[1], (7,))}
-    reference = optax_reference(optimizer, schedule)
+    reference = optax_reference(optimizer, schedule, clip=clip)
     ref_state, ref_params = reference.init(params), params
-    state = optim.init(params, learning_rate=1e-2, weight_decay=1e-3, clip_norm=0.5,
+    state = optim.init(params, learning_rate=1e-2, weight_decay=1e-3, clip_norm=clip,
                        optimizer=OPTIMIZERS.index(optimizer), schedule=SCHEDULES.index(schedule),
                        warmup=0.3, total_steps=TOTAL)
     fused = params

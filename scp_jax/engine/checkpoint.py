@@ -203,7 +203,9 @@ class Checkpointer:
             scores = next((s[np.isfinite(s)] for s in (metrics["val_mrrmse"][:, -1], metrics["train_loss"][:, -1])
                            if np.isfinite(s).any()), np.array([np.inf]))
             score = float(scores.mean())
-            # Slicing copies on device: the next chunk donates `state` while Orbax may still be reading it.
+            # The next chunk donates `state` (and leaf[:n] may be the leaf itself): this relies on Orbax
+            # copying device arrays to the host before save() returns, as it does without a
+            # device_host_max_bytes limit; only the writing to disk runs in the background.
             named = {name: leaf[: self.n_members] for name, leaf in flatten(state).items()}
             write_step(self.manager, epoch, named, self.tables, self.metadata, score)
         if os.environ.get(STALL_ENV) == str(epoch):

@@ -298,7 +298,8 @@ class Ensemble:
         count = jnp.sum(masks, axis=0)[:, None]
         if method == "median":
             combined = jnp.nanmedian(jnp.where(masks[:, :, None], preds, jnp.nan), axis=0)
-        else:
+        else:  # a member without a vote may predict NaN (it diverged early): 0 x NaN would spread it
             votes = masks * (weights[:, None] if method == "weighted" else 1.0)
+            preds = jnp.where(masks[:, :, None], preds, 0.0)
             combined = jnp.einsum("mr,mrg->rg", votes, preds) / jnp.maximum(jnp.sum(votes, axis=0), 1e-12)[:, None]
         return jnp.where(count > 0, combined, jnp.nan)

@@ -7,7 +7,6 @@ pull out-of-fold and test predictions.
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 
 import jax
@@ -94,23 +93,23 @@ def out_of_memory_hint(config, n_members):
         ) from None
 
 
-def steps_per_epoch(train_masks, batch_size):
-    """Minibatches per epoch: enough for the member with the most training rows (fixed shapes for vmap)."""
-    return math.ceil(int(np.max(np.sum(train_masks, axis=1))) / batch_size)
-
-
 def member_specs(config, members, fold_of_row, n_pseudo=0):
-    """Specs and [members, n] validation masks; a member validates the rows of its fold (none for the
-    all-rows slot, whose rows are all -1 or another fold) and trains on the rest plus `n_pseudo`
-    pseudo-labelled rows. The schedule's length (`total_steps`) joins the member's hyperparameters."""
+    """Specs, [members, n] validation masks and minibatches per epoch; a member validates the rows of
+    its fold (none for the all-rows slot, whose rows are all -1 or another fold) and trains on the rest
+    plus `n_pseudo` pseudo-labelled rows.
+
+    Every member runs as many minibatches as the one with the most training rows (fixed shapes for
+    vmap); another member's surplus batches are empty and do not step, so its schedule's length
+    (`total_steps`, one of its hyperparameters) counts only its own batches and ends where it stops.
+    """
     val_masks = fold_of_row[None, :] == members.fold[:, None]
     val_rows, val_weight = padded_rows(val_masks)
     train_masks = np.concatenate([~val_masks, np.ones((len(members), n_pseudo), bool)], axis=1)
-    total_steps = steps_per_epoch(train_masks, config.batch_size) * config.epochs
-    hparams = dict(members.hparams, total_steps=np.full(len(members), total_steps, np.float32))
+    member_steps = np.ceil(train_masks.sum(axis=1) / config.batch_size)
+    hparams = dict(members.hparams, total_steps=(member_steps * config.epochs).astype(np.float32))
     spec = MemberSpec(seed=members.seed, fold=members.fold, train_mask=train_masks, val_rows=val_rows,
                       val_weight=val_weight, hparams=hparams)
-    return spec, val_masks
+    return spec, val_masks, max(int(member_steps.max()), 1)
 
 
 def slot_ranges(targets, train_masks):
@@ -183,7 +182,7 @@ def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_
         epoch = end
         if on_chunk is not None:
             on_chunk(epoch, metrics, time.perf_counter() - start)
-        stopping = not metrics["running"][:, -1].any()
+        stopping = (to_host(state.stopped_at)[:n_members] >= 0).all()
         if checkpointer is not None:
             checkpointer.save(epoch, state, metrics, last=end == config.epochs or stopping)
         if stopping:
@@ -214,16 +213,15 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
     """One ensemble, trained on the training rows (plus the queries, labelled per slot by
     `pseudo_targets` [slots, q, genes], in the loss's space); `pseudo_slots` also returns each slot's
     prediction of the queries."""
-    # Pad the member axis to fill every device; padding members repeat member 0 and are dropped.
+    # Pad the member axis to fill every device; padding member i repeats member i % n and is dropped.
     padded = members.take(np.arange(placement.padded(len(members))) % len(members))
     n = len(members)
     fold_of_row = folds.fold_of_row
     n_pseudo = 0 if pseudo_targets is None else len(queries.cell_index)
-    specs, val_masks = member_specs(config, padded, fold_of_row, n_pseudo)
+    specs, val_masks, steps = member_specs(config, padded, fold_of_row, n_pseudo)
     train_masks = folds.train_masks()
     data = placement.replicate(_stage_data(config, train, queries, fitted, pseudo_targets))
     engine = compiled_ensemble(config, fitted.tables.layout, train.targets.shape[1], members.program_options())
-    steps = steps_per_epoch(specs.train_mask, config.batch_size)
     specs = placement.shard(specs)
     state = engine.init(specs)
 

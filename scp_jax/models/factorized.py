@@ -6,9 +6,9 @@ its own side's features only (one-hot: a free embedding; fingerprints and target
 across compounds). That is why it suits this task: a B-cell query takes u_B from the 17 B-cell rows
 and w_k from the compound's 4 T and NK rows, so each is learned where the data has it.
 
-When it predicts genes, a learned tanh saturation, `cap * tanh(raw / cap)`, bounds each gene's
-effect the way strong responses saturate, so the loadings need not bend to fit the tails. (With
-SVD targets it predicts components, where a per-gene cap has no meaning.)
+When it predicts genes, a learned tanh saturation, `cap * tanh(raw / cap)` with one cap for all
+genes, bounds every gene's effect the way strong responses saturate, so the loadings need not bend
+to fit the tails. (With SVD targets it predicts components, which need not saturate that way.)
 
 With `row_scale` (one-hot features only), the whole prediction is multiplied by exp(s[cell] +
 D[cell, compound]): a size per cell type and a deviation per (cell type, compound) pair. A row's
