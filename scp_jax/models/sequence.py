@@ -24,7 +24,8 @@ def tokenize(x, tokens):
 
 
 class _TokenModel(nnx.Module):
-    """Shared frame: tokenize, embed each token, run `self.mix` layers, flatten into the head."""
+    """Shared frame: tokenize, embed each token, run `self.mix` layers, flatten into the head.
+    `mix(i, h, drop)` is layer i; `drop(y, salt)` is dropout in training, identity at inference."""
 
     def __init__(self, in_features, out_features, *, tokens, width, dense, rngs):
         self.tokens = tokens
@@ -37,7 +38,7 @@ class _TokenModel(nnx.Module):
     def __call__(self, x, *, dropout_rate=0.0, key=None):
         h = self.embed_tokens(x)
         for i in range(self.depth):
-            h = maybe_dropout(self.mix(i, h), dropout_rate, key, i)
+            h = self.mix(i, h, lambda y, salt: maybe_dropout(y, dropout_rate, key, salt))
         return self.head(h.reshape(*h.shape[:-2], -1)).astype(jnp.float32)
 
 
@@ -52,8 +53,8 @@ class CNN(_TokenModel):
         self.convs = nnx.List([nnx.Conv(width, width, kernel_size, **dense, rngs=rngs) for _ in range(depth)])
         self.activation = ACTIVATIONS[activation]
 
-    def mix(self, i, h):
-        return self.activation(self.convs[i](h))
+    def mix(self, i, h, drop):
+        return drop(self.activation(self.convs[i](h)), i)
 
 
 class Recurrent(_TokenModel):
@@ -68,12 +69,12 @@ class Recurrent(_TokenModel):
         self.depth, self.cell = depth, cell
         self.cells = nnx.List([self.CELLS[cell](width, width, **dense, rngs=rngs) for _ in range(depth)])
 
-    def mix(self, i, h):
+    def mix(self, i, h, drop):
         cell = self.cells[i]
         zeros = jnp.zeros(h[..., 0, :].shape, h.dtype)
         carry = (zeros, zeros) if self.cell == "lstm" else zeros  # LSTM carries (c, h)
         _, states = jax.lax.scan(lambda c, x_t: cell(c, x_t), carry, jnp.moveaxis(h, -2, 0))
-        return jnp.moveaxis(states, 0, -2)
+        return drop(jnp.moveaxis(states, 0, -2), i)
 
 
 class Transformer(_TokenModel):
@@ -100,6 +101,7 @@ class Transformer(_TokenModel):
         h = super().embed_tokens(x)
         return h + self.position[...].astype(h.dtype)
 
-    def mix(self, i, h):
-        h = h + self.attentions[i](self.attention_norms[i](h), deterministic=True)
-        return h + self.project[i](self.activation(self.expand[i](self.mlp_norms[i](h))))
+    def mix(self, i, h, drop):
+        """Dropout on each branch, not on the residual stream that carries the tokens through."""
+        h = h + drop(self.attentions[i](self.attention_norms[i](h), deterministic=True), 2 * i)
+        return h + drop(self.project[i](self.activation(self.expand[i](self.mlp_norms[i](h)))), 2 * i + 1)
