@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 
 from scp_jax.errors import UserError
-from scp_jax.precision import PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +115,7 @@ OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AGGREGATES = ("mean", "median", "weighted")
 TARGET_TRANSFORMS = ("none", "t_statistic")
+PRECISIONS = ("fp32", "bf16", "bf16_state")  # scp_jax/precision.py; here so reading a config needs no jax
 
 
 @dataclasses.dataclass(frozen=True)

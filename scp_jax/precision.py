@@ -12,8 +12,6 @@
 import jax
 import jax.numpy as jnp
 
-PRECISIONS = ("fp32", "bf16", "bf16_state")
-
 
 def compute_dtype(precision):
     return jnp.float32 if precision == "fp32" else jnp.bfloat16
