@@ -53,8 +53,23 @@ def compare(dtype, members=3, n_in=1024, n_out=18211, rows=32):
     for name, a, b, old in zip(("params", "mu", "nu"), got, want, (p, m, v)):
         a, b, old = (np.asarray(t, np.float32) for t in (a, b, old))
         out[name] = {"max_abs_diff": float(np.abs(a - b).max()), "fraction_differing": float((a != b).mean()),
-                     "max_abs": float(np.abs(b).max()), "frozen_member_unchanged": bool((a[1] == old[1]).all())}
+                     "max_abs": float(np.abs(b).max()), "max_update": float(np.abs(b - old).max()),
+                     "frozen_member_unchanged": bool((a[1] == old[1]).all())}
     return out
+
+
+def agrees(precision, arrays):
+    """Both sides form x^T dy from the same TF32-rounded inputs, so they differ by summation order and
+    Triton's approximate division: about 1e-6 of a value. In fp32 a wrong rate, decay or bias
+    correction moves the update by a large part of itself; in bf16 state, stochastic rounding turns
+    a tiny difference into one bf16 ulp, rarely, and a wrong update into many."""
+    def ok(a):
+        if precision == "fp32":
+            close = a["max_abs_diff"] <= 1e-2 * a["max_update"]
+        else:
+            close = a["fraction_differing"] <= 1e-3 and a["max_abs_diff"] <= 2.0**-7 * a["max_abs"]
+        return close and a["frozen_member_unchanged"]
+    return "error" not in arrays and all(ok(a) for a in arrays.values())
 
 
 def param_copies(members=2):
@@ -92,12 +107,7 @@ def main(argv=None):
             except Exception as err:  # a kernel Triton refuses: record it for the note, go on
                 results[name] = {"error": str(err).splitlines()[0][:300]}
             print(name, results[name], flush=True)
-    # Rounding, summation order and Triton's approximate division move a value by an ulp or so; a
-    # wrong tile moves it by O(1).
-    results["ok"] = impl == "pallas" and all(
-        "error" not in results[name] and all(a["max_abs_diff"] <= 1e-2 * a["max_abs"] and a["frozen_member_unchanged"]
-                                             for a in results[name].values())
-        for name in ("fp32", "bf16_state"))
+    results["ok"] = impl == "pallas" and all(agrees(name, results[name]) for name in ("fp32", "bf16_state"))
     if results["ok"]:
         results["param_sized_copies"] = param_copies()
         print("param-sized copies", results["param_sized_copies"], flush=True)

@@ -7,6 +7,7 @@ CLI subprocesses (they inherit the environment). Semantics are unchanged.
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import pytest
 from scp_jax.data.synth import make_world
 
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# Features computed by the code under test, not read from a cache an earlier version filled.
+os.environ["SCP_JAX_CACHE"] = tempfile.mkdtemp(prefix="scp_jax_cache_")
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/data/op2"
 

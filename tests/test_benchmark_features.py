@@ -1,6 +1,5 @@
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -9,7 +8,6 @@ import features  # noqa: E402  (benchmarks/features.py)
 
 
 def test_features_benchmark_quick_writes_both_tables(tmp_path):
-    start = time.perf_counter()
     features.main(["--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "features.json").read_text())
     assert {row["cv"] for row in report["rows"]} == {"kfold", "b_myeloid"}
@@ -17,4 +15,3 @@ def test_features_benchmark_quick_writes_both_tables(tmp_path):
         assert row["cv_mrrmse"] > 0 and row["hidden_mrrmse"] > 0
     assert report["hidden_references"]["oracle"] < report["hidden_references"]["zeros"]
     assert "| + SVD targets |" in (tmp_path / "features.md").read_text()
-    assert time.perf_counter() - start < 60  # < 30 s on an idle 2-core machine

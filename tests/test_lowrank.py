@@ -13,6 +13,14 @@ from scp_jax.models import MLP
 from scp_jax.precision import store
 from toy import toy_train
 
+try:
+    from jax.experimental.pallas import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+# Without it (deprecated since jax 0.11) the engine takes XLA's path, which the other tests cover.
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="this JAX has no Pallas Triton backend")
+
 SCALARS = (0.5, 1e-2, 1e-3, 0.19, 0.0199, True)  # clip scale, rate, weight decay, bias corrections, active
 
 
@@ -29,6 +37,7 @@ def test_factors_give_the_gradient_and_its_norm():
     np.testing.assert_allclose(lowrank.sq_norm(g), np.sum(dense**2), rtol=1e-5)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("active", [True, False])
 def test_fused_update_equals_adamw_on_the_dense_gradient(dtype, active):
@@ -50,6 +59,7 @@ def test_fused_update_equals_adamw_on_the_dense_gradient(dtype, active):
         assert np.array_equal(np.asarray(a, np.float32), np.asarray(old, np.float32)) == (not active), name
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fused_update_lowers_to_triton_for_a_gpu(dtype):
     """The kernel as the engine gives it to a GPU (vmapped over members, each with its own rate and
@@ -105,6 +115,7 @@ def assert_same_leaves(a, b, **tolerance):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tolerance)
 
 
+@needs_triton
 @pytest.mark.parametrize("precision", ["fp32", "bf16_state"])
 def test_members_train_the_same_with_lowrank_gradients(monkeypatch, precision):
     """Dropout and input masking on. The fused kernel (interpreted) trains the members exactly as XLA
