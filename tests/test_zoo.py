@@ -59,6 +59,12 @@ def test_median_weighted_and_clipped_aggregation_match_numpy():
         assert np.isnan(got[0]).all()
         np.testing.assert_allclose(got[2:], want[2:], atol=1e-5, err_msg=method)
     np.testing.assert_allclose(engine.aggregate_prediction("median", *args)[1], preds[:2, 1].mean(axis=0), atol=1e-5)
+    # A member without a vote that predicts NaN (it diverged before a finite epoch) leaves the others' mean alone.
+    nan_params = jax.tree.map(lambda x: x.at[5].set(jnp.nan), result.state.best_params)
+    masks[5] = False
+    for method, w in (("mean", None), ("weighted", weights[:5])):
+        got = np.asarray(engine.aggregate_prediction(method, nan_params, *args[1:2], masks, *args[3:]))
+        np.testing.assert_allclose(got[2:], np.average(preds[:5, 2:], axis=0, weights=w), atol=1e-5, err_msg=method)
 
     clipped = train_ensemble(load_config(None, BASE + ["ensemble=6", "aggregate.clip_to_train_range=true",
                                                        "aggregate.method=median"]), train, queries)
