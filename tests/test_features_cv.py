@@ -56,23 +56,31 @@ def test_table_shapes(train):
     np.testing.assert_array_equal(compound_side, np.c_[tables.compound[compounds], tables.fold_compound[2][compounds]])
 
 
-def test_target_encoding_equals_float64_recomputation(train):
-    config = load_config(None, ['features=["target_encoding"]'])
+@pytest.mark.parametrize("svd", [0, 3])
+def test_target_encoding_equals_float64_recomputation(train, svd):
+    """pandas statistics of the fold's training rows; with `svd`, each projected on the top right
+    singular vectors of those rows, centered (numpy's SVD; a vector's sign is arbitrary)."""
+    config = load_config(None, ['features=["target_encoding"]', f"target_encoding.svd={svd}"])
     folds = make_folds("b_myeloid", train, 5, 0)
     tables = build_tables(config, train, folds.train_masks())
     fold = 1
     fit = folds.fold_of_row != fold
     frame = pd.DataFrame(train.targets[fit].astype(np.float64))
+    basis = np.linalg.svd(frame - frame.mean(), full_matrices=False)[2][:svd] if svd else None
     for groups, table, n in ((train.cell_index, tables.fold_cell, len(train.cell_types)),
                              (train.compound_index, tables.fold_compound, len(train.compounds))):
         by = frame.groupby(groups[fit])
-        stats = [by.mean(), by.std(ddof=0), by.median(), by.quantile(0.25), by.quantile(0.75)]
+        stats = [s.to_numpy() for s in (by.mean(), by.std(ddof=0), by.median(), by.quantile(0.25), by.quantile(0.75))]
         expected = np.zeros((n, table.shape[2]))
         expected[:, -1] = 1.0
-        seen = stats[0].index.to_numpy()
-        expected[seen, :-1] = np.concatenate([s.to_numpy() for s in stats], axis=1)
+        seen = by.mean().index.to_numpy()
+        expected[seen, :-1] = np.concatenate([s if basis is None else s @ basis.T for s in stats], axis=1)
         expected[seen, -1] = 0.0
-        np.testing.assert_allclose(np.asarray(table[fold]), expected, rtol=1e-5, atol=1e-5)
+        got = np.asarray(table[fold], np.float64)
+        if svd:  # flip each of numpy's vectors to the table's sign
+            signs = np.sign(np.sum(got[:, :-1] * expected[:, :-1], axis=0).reshape(5, svd).sum(axis=0))
+            expected[:, :-1] *= np.tile(signs, 5)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_b_myeloid_compounds_held_out_of_one_fold_lose_nothing_else(train):
