@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from scp_jax.errors import UserError
+
 
 def _umask():
     """The process umask, read without changing it where Linux shows it; os.umask can only set it,
@@ -27,17 +29,28 @@ def default_mode(directory=False):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path in the target's folder; rename it onto `path` only on success."""
+    """Yield a temporary path in the target's folder; rename it onto `path` only on success.
+
+    An OSError of the folder, the temporary file (a full disk) or the rename (onto a folder) is a
+    one-line UserError naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if path.is_dir():  # before the caller's work, which the rename would throw away
+        raise UserError(f"{path}: cannot write (Is a directory)")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
+    except FileExistsError as err:  # from mkdir: a folder on the way is a file
+        raise UserError(f"{path}: cannot write ({err.filename} is not a directory)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
