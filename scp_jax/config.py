@@ -148,10 +148,13 @@ class Config:
     def __post_init__(self):
         positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
                     "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size,
-                    "checkpoint_every": self.checkpoint_every, "checkpoint_keep": self.checkpoint_keep}
+                    "checkpoint_every": self.checkpoint_every, "checkpoint_keep": self.checkpoint_keep,
+                    "data.synth_genes": self.data.synth_genes}
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
+        if self.data.synth_seed < 0:
+            raise UserError(f"config: data.synth_seed must be >= 0, got {self.data.synth_seed}")
         if self.folds < 2:
             raise UserError(f"config: folds must be >= 2 for cross-validation, got {self.folds}")
         if self.model.kind not in MODEL_KINDS:
@@ -211,6 +214,16 @@ class Config:
             raise UserError(f"config: targets.transform must be one of {', '.join(TARGET_TRANSFORMS)},"
                             f" got {self.targets.transform!r}")
 
+    def size_settings(self):
+        """The model keys that size a member's parameters, with their values, for hints on what to lower:
+        which keys depends on the model kind."""
+        model = self.model
+        if model.kind in ("mlp", "resmlp"):
+            return f"model.hidden ({list(model.hidden)})"
+        if model.kind == "factorized":
+            return f"model.rank ({model.rank})"
+        return f"model.width ({model.width}) or model.depth ({model.depth})"
+
 
 def _check_hyperparameter(key, value):
     if key in ("dropout", "input_mask", "warmup") and not 0 <= value < 1:
@@ -266,9 +279,13 @@ def load_config(path=None, overrides=()):
     values = {}
     if path is not None:
         try:
-            values = tomllib.loads(Path(path).read_text())
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"{path}: config file not found") from None
+        except OSError as err:  # a folder, no permission
+            raise UserError(f"{path}: cannot read config ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: cannot read config (not UTF-8 text: {err.reason} at byte {err.start})") from None
         except tomllib.TOMLDecodeError as err:
             raise UserError(f"{path}: invalid TOML: {err}") from None
     for item in overrides:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from scp_jax.config import load_config, to_toml
@@ -23,9 +25,19 @@ def test_overrides_and_round_trip(tmp_path):
         ("folds=1", "folds must be >= 2"),
         ("ensemble=true", "ensemble must be int"),
         ("keep='first'", "keep must be 'best' or 'last'"),
+        ("data.synth_genes=-5", "data.synth_genes must be >= 1"),
     ],
 )
 def test_bad_config_is_one_line_user_error(override, message):
     with pytest.raises(UserError, match=message) as err:
         load_config(None, [override])
     assert "\n" not in str(err.value)
+
+
+def test_unreadable_config_file_is_one_line_user_error(tmp_path):
+    (tmp_path / "latin.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    for path, message in ((tmp_path, "cannot read config (Is a directory)"),
+                          (tmp_path / "latin.toml", "cannot read config (not UTF-8 text")):
+        with pytest.raises(UserError, match=re.escape(f"{path}: {message}")):
+            load_config(path)
+
