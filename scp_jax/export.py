@@ -1,4 +1,7 @@
-"""`python -m scp_jax.export RUN_DIR --out model.npz [--best|--last]`: a trained ensemble as plain numpy.
+"""`python -m scp_jax.export RUN_DIR --out model.npz [--best|--last] [--step N|best]`: a trained ensemble as plain numpy.
+
+It reads the latest checkpoint, or `--step`: a kept step, or `best`, the kept step whose last-epoch
+parameters scored best (with `--last`: the ensemble stopped at its best checkpoint).
 
 The npz holds the parameters stacked over members under their model's names (an MLP's
 `params.layers.<i>.kernel`, ..., `params.head.bias`; a factorized model's `params.cell.*`,
@@ -37,12 +40,19 @@ def package_versions():
     return versions
 
 
-def export_run(run_dir, which="best"):
-    """(arrays, manifest) of RUN_DIR's latest checkpoint; `which` = best-epoch or last-epoch parameters."""
-    from scp_jax.engine.checkpoint import latest_step, restore_items
+def export_run(run_dir, which="best", step=None):
+    """(arrays, manifest) of one checkpoint of RUN_DIR: the latest, step `step` or (`step="best"`) the best
+    kept one; `which` = best-epoch or last-epoch parameters."""
+    from scp_jax.engine.checkpoint import best_step, kept_steps, restore_items
 
     directory = Path(run_dir) / "checkpoints"
-    step = latest_step(directory)
+    kept = kept_steps(directory)  # a UserError when there is none
+    if step is None:
+        step = kept[-1]
+    elif step == "best":
+        step = best_step(directory)
+    elif step not in kept:
+        raise UserError(f"{directory}: no complete checkpoint step {step} (kept: {', '.join(map(str, kept))})")
     named, tables, metadata = restore_items(directory, step)
     prefix = {"best": "best_params.", "last": "params."}[which]
     # float32 whatever the training precision (bf16_state stores bf16 parameters).
@@ -84,7 +94,15 @@ def parse_args(argv):
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--best", dest="which", action="store_const", const="best", help="best-epoch parameters (default)")
     which.add_argument("--last", dest="which", action="store_const", const="last", help="last-epoch parameters")
+    parser.add_argument("--step", type=step_arg, help="a kept checkpoint step, or best: the step whose last-epoch"
+                        " parameters scored best (default: the latest)")
     return parser.parse_args(argv)
+
+
+def step_arg(text):
+    if text != "best" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {text!r}")
+    return text if text == "best" else int(text)
 
 
 @cli_main
@@ -92,7 +110,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not Path(args.run_dir).is_dir():
         raise UserError(f"{args.run_dir}: run dir not found")
-    arrays, manifest = export_run(args.run_dir, args.which or "best")
+    arrays, manifest = export_run(args.run_dir, args.which or "best", args.step)
     write_npz(args.out, arrays, manifest)
     members = len(manifest["members"])
     print(f"exported {members} members ({manifest['params']} params, epoch {manifest['epoch']}) -> {args.out}")

@@ -10,8 +10,9 @@ resumed run needs to continue bit-identically.
 Orbax writes a step into `<epoch>.orbax-checkpoint-tmp*` and renames it when complete, so a
 half-written step is never listed. Kept: the latest `checkpoint_keep` steps plus the best one, where
 best = lowest mean over members of the validation MRRMSE of the step's current (last-epoch)
-parameters (their train loss under cv = "full"). (Every step's `best_params` already hold each
-member's best epoch; the best step is what `export --last` wants.)
+parameters (their train loss under cv = "full"). Every step's `best_params` already hold each
+member's best epoch; the best step's last-epoch parameters are the ensemble stopped at its best
+checkpoint, which `export --step best --last` exports (`best_step`).
 """
 
 import contextlib
@@ -83,13 +84,40 @@ def open_manager(directory, config=None):
     return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers, options=options)
 
 
+def kept_steps(directory):
+    """The complete steps, oldest first; a UserError when there is none."""
+    directory = Path(directory)
+    steps = []
+    if directory.is_dir():
+        manager = open_manager(directory)
+        steps = sorted(manager.all_steps())
+        manager.close()
+    if not steps:
+        raise UserError(f"{directory}: no complete checkpoint (training stopped before the first checkpoint_every epochs?)")
+    return steps
+
+
 def latest_step(directory):
     """The newest complete step, or a UserError saying there is none."""
-    directory = Path(directory)
-    step = open_manager(directory).latest_step() if directory.is_dir() else None
-    if step is None:
-        raise UserError(f"{directory}: no complete checkpoint (training stopped before the first checkpoint_every epochs?)")
-    return step
+    return kept_steps(directory)[-1]
+
+
+def best_step(directory):
+    """The kept step whose last-epoch parameters scored best (the one the keep policy preserves); ties go
+    to the later step."""
+    steps, manager = kept_steps(directory), open_manager(directory)
+    try:
+        scores = {}
+        for step in steps:
+            with corruption_guard(Path(directory) / str(step) / METADATA, step):
+                scores[step] = restore_metadata(manager, step)[SCORE]
+    finally:
+        manager.close()
+    return min(scores, key=lambda step: (scores[step], -step))
+
+
+def restore_metadata(manager, step):
+    return manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
 
 
 def restore_items(directory, step, state_targets=None):
@@ -110,7 +138,7 @@ def restore_items(directory, step, state_targets=None):
 
 def restore_step(manager, step_dir, step, state_targets):
     with corruption_guard(step_dir / METADATA, step):
-        metadata = manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA]
+        metadata = restore_metadata(manager, step)
     with corruption_guard(step_dir, step):
         saved = manager.item_metadata(step)  # reads every item's array metadata
     with corruption_guard(step_dir / TABLES, step):
@@ -129,11 +157,16 @@ def restore_arrays(manager, step, item, targets):
 
 @contextlib.contextmanager
 def corruption_guard(path, step):
-    """Orbax/TensorStore failures as one line naming the step and (in TensorStore's words) the file."""
+    """Orbax/TensorStore failures as one line naming the step and (in TensorStore's words) the file,
+    relative to the step dir. Orbax wraps TensorStore's read errors in a plain Exception whose own
+    text is a repr of the TensorStore spec: the cause says which file failed."""
     try:
         yield
-    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
-        detail = first_line(err).replace(str(path.absolute()) + "/", "").replace(str(path.absolute().parent) + "/", "")
+    except UserError:
+        raise
+    except Exception as err:
+        step_dir = path if path.name == str(step) else path.parent
+        detail = first_line(err.__cause__ or err).replace(str(step_dir.absolute()) + "/", "")
         raise UserError(f"{path}: checkpoint step {step} is corrupted ({detail})") from None
 
 
@@ -186,7 +219,7 @@ class Checkpointer:
         """(state, epoch) to start from: the latest complete step when resuming, else (state, 0)."""
         self.metadata, self.n_members = run_metadata(self.config, self.train, members), len(members)
         self.tables = run_tables(tables, self.train, decoder)
-        check_disk_space(self.directory, state_bytes(state), self.config.checkpoint_keep)
+        check_disk_space(self.directory, state_bytes(state), self.config)
         if not self.resume:
             return state, 0
         step = latest_step(self.directory)
@@ -237,14 +270,16 @@ def state_bytes(state):
     return sum(leaf.nbytes for leaf in jax.tree.leaves(state))
 
 
-def check_disk_space(directory, checkpoint_bytes, keep):
-    """Fail before training if the kept checkpoints (latest `keep`, the best, one being written) can't fit."""
+def check_disk_space(directory, checkpoint_bytes, config):
+    """Fail before training if the kept checkpoints (latest `checkpoint_keep`, the best, one being written)
+    can't fit."""
     probe = next(p for p in (directory, *directory.parents) if p.exists())
+    keep = config.checkpoint_keep
     need = checkpoint_bytes * (keep + 2)
     free = shutil.disk_usage(probe).free
     if free < need:
         raise UserError(
             f"{directory}: checkpoints need about {need / 2**20:.0f} MiB ({keep} kept + best + one in flight,"
             f" {checkpoint_bytes / 2**20:.0f} MiB each) but only {free / 2**20:.0f} MiB are free;"
-            " free space or lower checkpoint_keep, ensemble or model.hidden"
+            f" free space or lower checkpoint_keep, ensemble or {config.size_settings()}"
         )
