@@ -5,17 +5,11 @@ checkpoint). Cell types and compounds must be in the model's training vocabulary
 """
 
 import argparse
-import json
 import zipfile
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from scp_jax.errors import UserError, cli_main
-from scp_jax.predictor import AGGREGATES, Predictor
+from scp_jax.predictor import AGGREGATES, Predictor, read_npz
 
 
 def parse_args(argv):
@@ -32,71 +26,54 @@ def parse_args(argv):
 
 
 def load_model(source):
+    """A run dir (exported on the fly) or a model.npz; a file that is no export and a model the numpy
+    predictor refuses (a kind it does not run) are told apart."""
     path = Path(source)
     if path.is_dir():
         from scp_jax.export import export_run
 
-        try:
-            return Predictor(*export_run(path))
-        except ValueError as err:
-            raise UserError(f"{path}: {err}") from None
-    if not path.is_file():
+        exported = export_run(path)
+    elif not path.is_file():
         raise UserError(f"{path}: model not found (a run dir or a model.npz)")
+    elif not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not an npz archive (expected a model.npz from `python -m scp_jax.export`)")
+    else:
+        try:
+            exported = read_npz(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{path}: not a readable model.npz ({detail})") from None
     try:
-        return Predictor.load(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a readable model.npz ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        return Predictor(*exported)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
-def read_queries(path, model):
-    """(ids, cell index, compound index) of an id map, in the model's vocabulary."""
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a readable CSV file ({str(err).splitlines()[0]})") from None
-    indices = []
-    for column, vocabulary in (("cell_type", "cell_types"), ("sm_name", "compounds")):
-        if column not in frame.columns or "id" not in frame.columns:
-            raise UserError(f"{path}: missing required column '{column if 'id' in frame.columns else 'id'}'")
-        position = {name: i for i, name in enumerate(model.manifest[vocabulary])}
-        values = frame[column].astype(str).tolist()
-        unknown = next((row for row, value in enumerate(values) if value not in position), None)
-        if unknown is not None:
-            raise UserError(f"{path}: row {unknown}: {column} {values[unknown]!r} is not in the model's training data")
-        indices.append(np.array([position[v] for v in values], np.int32))
-    return frame["id"].to_numpy(), *indices
+def read_queries(path, model, source):
+    """(ids, cell index, compound index) of an id map, in the model's vocabulary (`source`: the model's path)."""
+    from scp_jax.data.dataset import id_map_index, read_id_map
 
-
-def check_genes(data_path, model):
-    try:
-        names = pq.read_schema(data_path).names
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(f"{data_path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
-    from scp_jax.data.dataset import META_COLUMNS
-
-    if [n for n in names if n not in META_COLUMNS] != model.genes:
-        raise UserError(f"{data_path}: gene columns differ from the {len(model.genes)} genes the model was trained on")
+    ids, cell_type, sm_name = read_id_map(path)
+    return (ids, id_map_index(path, "cell_type", cell_type, model.manifest["cell_types"], source),
+            id_map_index(path, "sm_name", sm_name, model.manifest["compounds"], source))
 
 
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
     model = load_model(args.model)
-    if args.data:
-        check_genes(args.data, model)
-    ids, cell_index, compound_index = read_queries(args.id_map, model)
-    from scp_jax.data.dataset import write_submission
+    from scp_jax.data.dataset import gene_columns, write_submission
 
+    if args.data and list(gene_columns(args.data)) != model.genes:
+        raise UserError(f"{args.data}: gene columns differ from the {len(model.genes)} genes the model was trained on")
+    ids, cell_index, compound_index = read_queries(args.id_map, model, args.model)
     try:
         predictions = model.predict(cell_index, compound_index, aggregate=args.aggregate, clip=args.clip)
     except ValueError as err:
         raise UserError(f"{args.model}: {err}") from None
     write_submission(args.out, ids, model.genes, predictions)
-    method = args.aggregate or model.run_aggregate[0]
+    method = model.aggregation(args.aggregate)[0]
     print(f"{len(ids)} rows x {len(model.genes)} genes ({method} of {model.votes.sum()} members) -> {args.out}")
-
 
 if __name__ == "__main__":
     main()

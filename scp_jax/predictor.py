@@ -52,6 +52,14 @@ def concat_present(*parts):
     return np.concatenate([p for p in parts if p is not None], axis=-1)
 
 
+def read_npz(path):
+    """(arrays, manifest) of an exported model.npz."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files if name != MANIFEST}
+        manifest = json.loads(str(npz[MANIFEST]))
+    return arrays, manifest
+
+
 class Predictor:
     """An exported ensemble: parameters stacked over members, feature tables, vocabularies, gene range."""
 
@@ -75,10 +83,12 @@ class Predictor:
 
     @classmethod
     def load(cls, path):
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files if name != MANIFEST}
-            manifest = json.loads(str(npz[MANIFEST]))
-        return cls(arrays, manifest)
+        return cls(*read_npz(path))
+
+    def aggregation(self, aggregate=None, clip=None):
+        """(method, clip) a prediction uses: the given ones, else the run's own `[aggregate]` settings,
+        so a run's submission is reproduced."""
+        return aggregate or self.run_aggregate[0], self.run_aggregate[1] if clip is None else clip
 
     @property
     def genes(self):
@@ -153,10 +163,8 @@ class Predictor:
 
     def predict(self, cell_index, compound_index, aggregate=None, clip=None, dtype=np.float32):
         """[rows, genes]: the voting members combined by `aggregate` (mean, median or weighted by 1 / CV^2),
-        optionally clipped to each gene's training range; both default to the run's own `[aggregate]`
-        settings, so a run's submission is reproduced."""
-        aggregate = aggregate or self.run_aggregate[0]
-        clip = self.run_aggregate[1] if clip is None else clip
+        optionally clipped to each gene's training range; both default as `aggregation` says."""
+        aggregate, clip = self.aggregation(aggregate, clip)
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         if aggregate == "weighted" and "members.best_score" not in self.arrays:

@@ -193,7 +193,9 @@ def copy_checkpoints(runs, tmp_path):
     (lambda step: (step / "state" / "_METADATA").unlink(), r"6: checkpoint step 6 is missing file state/_METADATA"),
     (lambda step: [f.write_bytes(b"\0" * 16) for f in (step / "state" / "d").iterdir()], r"6: checkpoint step 6 is corrupted .*state/"),
     # the arrays' data: Orbax wraps TensorStore's error (which names the file) in a plain Exception
-    (lambda step: [f.write_bytes(f.read_bytes()[:10])
+    (lambda step: [f.write_bytes(f.read_bytes()[:10]) for f in (step / "state" / "ocdbt.process_0" / "d").iterdir()],
+     r"6/state: checkpoint step 6 is corrupted \(OUT_OF_RANGE: .* local file \"state/\""),
+])
 def test_corrupted_checkpoint_is_one_line_error(runs, tmp_path, capsys, damage, message):
     from scp_jax.export import main as export_main
 
@@ -214,19 +216,38 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     assert exit_.value.code == 2 and "no complete checkpoint" in error and error.count("\n") == 1
 
 
-def test_predict_rejects_unknown_cell_type_in_one_line(runs, tmp_path, capsys):
+def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys):
+    """`export --step`, and predict's one-line refusals: an id map of the shared checks (unknown cell type,
+    repeated id), a file that is no npz, outputs that cannot be written. Nothing is written."""
+    from scp_jax.engine.checkpoint import restore_items
     from scp_jax.export import main as export_main
     from scp_jax.predict import main as predict_main
 
-    export_main([str(runs["straight"]), "--out", str(tmp_path / "m.npz")])
+    scores = {step: restore_items(runs["straight"] / "checkpoints", step)[2]["mean_val_mrrmse"] for step in (3, 6)}
+    export_main([str(runs["straight"]), "--last", "--step", "best", "--out", str(tmp_path / "m.npz")])
+    assert f"epoch {min(scores, key=scores.get)})" in capsys.readouterr().out
     id_map = pd.read_csv(runs["world"] / "id_map.csv")
     id_map.loc[3, "cell_type"] = "Neurons"
-    id_map.to_csv(tmp_path / "id_map.csv", index=False)
-    with pytest.raises(SystemExit) as exit_:
-        predict_main([str(tmp_path / "m.npz"), "--id-map", str(tmp_path / "id_map.csv"), "--out", str(tmp_path / "s.csv")])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and "row 3: cell_type 'Neurons' is not in the model's training data" in error
-    assert not (tmp_path / "s.csv").exists()
+    id_map.to_csv(tmp_path / "unknown.csv", index=False)
+    id_map.assign(id=id_map.id.where(id_map.index != 9, id_map.id[1])).to_csv(tmp_path / "repeated.csv", index=False)
+    (tmp_path / "text.npz").write_text("not a zip")
+    model, good = tmp_path / "m.npz", runs["world"] / "id_map.csv"
+    cases = [
+        (export_main, [runs["straight"], "--step", "4", "--out", tmp_path / "s.npz"], "no complete checkpoint step 4"),
+        (export_main, [runs["straight"], "--out", model / "s.npz"], "m.npz is not a directory"),
+        (predict_main, [model, "--id-map", tmp_path / "unknown.csv", "--out", tmp_path / "s.csv"],
+         f"unknown.csv: row 3: cell_type 'Neurons' never seen in training data ({model})"),
+        (predict_main, [model, "--id-map", tmp_path / "repeated.csv", "--out", tmp_path / "s.csv"],
+         "duplicate id 1 at rows 1 and 9"),
+        (predict_main, [tmp_path / "text.npz", "--id-map", good, "--out", tmp_path / "s.csv"], "text.npz: not an npz archive"),
+        (predict_main, [model, "--id-map", good, "--out", tmp_path], "cannot write (Is a directory)"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in argv])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and error.count("\n") == 1 and message in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz", "repeated.csv", "text.npz", "unknown.csv"]
 
 
 def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):

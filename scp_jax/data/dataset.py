@@ -47,14 +47,24 @@ class Queries:
     compound_index: np.ndarray  # [q] int32 into TrainSet.compounds
 
 
-def _read_parquet(path):
+def _read_parquet(path, read=pq.ParquetFile.read):
+    """`read` of a parquet file (its whole table by default), a missing or unreadable file a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        return pq.ParquetFile(path).read()  # skips the dataset layer: faster on 18k columns
+        return read(pq.ParquetFile(path))  # skips the dataset layer: faster on 18k columns
     except (pa.ArrowException, OSError) as err:
         raise UserError(f"{path}: not a readable parquet file ({_first_line(err)})") from None
+
+
+def _gene_names(columns):
+    return tuple(c for c in columns if c not in META_COLUMNS)
+
+
+def gene_columns(path):
+    """The gene columns of a training parquet, from its footer alone (no data read)."""
+    return _gene_names(_read_parquet(path, lambda file: file.schema_arrow.names))
 
 
 def _first_line(err):
@@ -142,7 +152,7 @@ def load_train(path) -> TrainSet:
     for column in META_COLUMNS:
         if column not in table.column_names:
             raise UserError(f"{path}: missing required column '{column}'")
-    genes = tuple(c for c in table.column_names if c not in META_COLUMNS)
+    genes = _gene_names(table.column_names)
     if not genes:
         raise UserError(f"{path}: no gene columns (only {', '.join(table.column_names)})")
     if table.num_rows == 0:
@@ -201,8 +211,9 @@ def read_csv(path):
         raise UserError(f"{path}: not a readable CSV file ({_first_line(err)})") from None
 
 
-def load_id_map(path, train: TrainSet) -> Queries:
-    """Read id_map.csv and check every query can be answered from the training vocabularies."""
+def read_id_map(path):
+    """(ids, cell types, compounds) of an id map, checked alike for training and prediction: a readable
+    CSV with the three columns, no empty cell, no repeated id."""
     path = Path(path)
     frame = read_csv(path)
     for column in ID_MAP_COLUMNS:
@@ -212,32 +223,36 @@ def load_id_map(path, train: TrainSet) -> Queries:
         missing = frame[column].isna().to_numpy()
         if missing.any():
             raise UserError(f"{path}: column '{column}' is empty at row {int(np.flatnonzero(missing)[0])}")
-
     ids = frame["id"].to_numpy()
     duplicated = frame["id"].duplicated().to_numpy()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
-        first = int(np.flatnonzero(frame["id"].to_numpy() == ids[row])[0])
+        first = int(np.flatnonzero(ids == ids[row])[0])
         raise UserError(f"{path}: duplicate id {show(ids[row])} at rows {first} and {row}")
+    return ids, *(frame[column].astype(str).to_numpy(dtype=object) for column in ("cell_type", "sm_name"))
 
-    cell_type = frame["cell_type"].astype(str).to_numpy(dtype=object)
-    sm_name = frame["sm_name"].astype(str).to_numpy(dtype=object)
-    known_cells = set(train.cell_types)
-    smiles_of = dict(zip(train.compounds, train.compound_smiles))
-    for row, (cell, compound) in enumerate(zip(cell_type, sm_name)):
-        if cell not in known_cells:
-            raise UserError(f"{path}: row {row}: cell type {cell!r} never seen in training data {train.source}")
-        if compound not in smiles_of:
-            raise UserError(f"{path}: row {row}: compound {compound!r} never seen in training data {train.source}")
-        if not smiles_of[compound]:
-            raise UserError(f"{path}: row {row}: compound {compound!r} has no SMILES in training data {train.source}")
-    return Queries(
-        ids=ids,
-        cell_type=cell_type,
-        sm_name=sm_name,
-        cell_index=_index_into(cell_type, train.cell_types),
-        compound_index=_index_into(sm_name, train.compounds),
-    )
+
+def id_map_index(path, column, values, vocabulary, source):
+    """[q] int32 positions of an id map column's values in a training vocabulary (of `source`: the
+    training file or the model); a value not there is a one-line error naming its row."""
+    known = set(vocabulary)
+    for row, value in enumerate(values):
+        if value not in known:
+            raise UserError(f"{path}: row {row}: {column} {value!r} never seen in training data ({source})")
+    return _index_into(values, vocabulary)
+
+
+def load_id_map(path, train: TrainSet) -> Queries:
+    """Read id_map.csv and check every query can be answered from the training vocabularies."""
+    path = Path(path)
+    ids, cell_type, sm_name = read_id_map(path)
+    cell_index = id_map_index(path, "cell_type", cell_type, train.cell_types, train.source)
+    compound_index = id_map_index(path, "sm_name", sm_name, train.compounds, train.source)
+    for row, compound in enumerate(compound_index):
+        if not train.compound_smiles[compound]:
+            raise UserError(f"{path}: row {row}: sm_name {sm_name[row]!r} has no SMILES in training data"
+                            f" ({train.source})")
+    return Queries(ids=ids, cell_type=cell_type, sm_name=sm_name, cell_index=cell_index, compound_index=compound_index)
 
 
 def write_submission(path, ids, genes, predictions):
