@@ -5,8 +5,10 @@ Flags are shorthands for config keys (`--ensemble 20` is `--set ensemble=20`), s
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -38,12 +40,17 @@ def parse_args(argv):
 
 
 def resolve_config(args):
+    """The run's config; data paths made absolute, so `--resume` works from any folder."""
     if args.resume:
         return load_config(Path(args.resume) / "config.toml")
     overrides = [f"{key}={json.dumps(str(value)) if isinstance(value, str) else value}"
                  for flag, key in FLAG_KEYS.items() if (value := getattr(args, flag)) is not None]
-    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    return load_config(config_path, overrides + args.set)
+    if args.config is None and not DEFAULT_CONFIG.is_file():
+        raise UserError(f"{DEFAULT_CONFIG}: default config not found (an install that is not editable leaves"
+                        " configs/ behind); pass --config FILE or install with `pip install -e .`")
+    config = load_config(args.config or DEFAULT_CONFIG, overrides + args.set)
+    data = {key: os.path.abspath(value) for key in ("train", "id_map") if (value := getattr(config.data, key))}
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **data))
 
 
 def resolve_inputs(config):
@@ -60,11 +67,27 @@ def resolve_inputs(config):
     return train_path, id_map_path if id_map_path.exists() else None
 
 
+METRICS_FILES = ("metrics.jsonl", "metrics-stage1.jsonl")
+
+
+def untouched_start(run_dir):
+    """Whether RUN_DIR holds exactly what a run writes before its first epoch: config.toml, empty metrics
+    files and an empty checkpoints/ (a run stopped before it trained, by an error or a kill)."""
+    names = {path.name for path in run_dir.iterdir()}
+    return ({"config.toml", "metrics.jsonl", "checkpoints"} <= names <= {"config.toml", *METRICS_FILES, "checkpoints"}
+            and all((run_dir / name).stat().st_size == 0 for name in names & set(METRICS_FILES))
+            and not any((run_dir / "checkpoints").iterdir()))
+
+
 def prepare_run_dir(out, resume=False):
-    """Create the run dir (or reuse it when resuming) and prove it is writable before any training time is spent."""
+    """Create the run dir (or reuse it when resuming, or when it holds an untouched start) and prove it is
+    writable before any training time is spent. Returns it and the folders created for it, deepest first."""
     run_dir = Path(out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run dir is not a directory")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()) and not untouched_start(run_dir):
         raise UserError(f"{run_dir}: run dir already holds files; pick another --out")
+    created = [path for path in (run_dir, *run_dir.parents) if not path.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -72,7 +95,18 @@ def prepare_run_dir(out, resume=False):
         probe.unlink()
     except OSError as err:
         raise UserError(f"{run_dir}: run dir is not writable ({err.strerror})") from None
-    return run_dir
+    return run_dir, created
+
+
+def discard_start(run_dir, created):
+    """Remove an untouched start and the folders made for it: a run stopped by bad config or input
+    before its first epoch leaves nothing behind."""
+    if not untouched_start(run_dir):
+        return
+    for path in run_dir.iterdir():
+        path.rmdir() if path.is_dir() else path.unlink()
+    for folder in created:
+        folder.rmdir()
 
 
 def truncate_metrics(path, epoch):
@@ -85,32 +119,34 @@ def truncate_metrics(path, epoch):
 class ChunkLog:
     """Appends one metrics.jsonl line per epoch and prints one progress line per chunk.
 
-    Its first chunk first drops any lines from that chunk on, left by a run that died after its
-    last checkpoint, so a resumed run's metrics.jsonl equals an uninterrupted run's.
+    Its first chunk (which also compiles) first drops any lines from that chunk on, left by a run that
+    died after its last checkpoint, so a resumed run's metrics.jsonl equals an uninterrupted run's.
     """
 
     def __init__(self, path, config, label=""):
-        self.path, self.config, self.fresh, self.label = path, config, True, label
+        self.path, self.config, self.first, self.label = path, config, True, label
         self.path.touch()
-        self.first = True
 
     def __call__(self, epoch, metrics, seconds):
         n_epochs, n_members = metrics["val_mrrmse"].shape[1], metrics["val_mrrmse"].shape[0]
-        if self.fresh:
+        if self.first:
             truncate_metrics(self.path, epoch - n_epochs)
-            self.fresh = False
         with self.path.open("a") as f:
             for i in range(n_epochs):
                 line = {"epoch": epoch - n_epochs + i + 1}
                 line.update({name: np.round(values[:, i].astype(float), 6).tolist() for name, values in metrics.items()})
                 f.write(json.dumps(line) + "\n")
         running = metrics["running"][:, -1]
-        last = metrics["val_mrrmse"][running, -1]
-        last = last[np.isfinite(last)]  # cv = "full": no validation rows, no score
-        val = (f"  val MRRMSE best {last.min():.4f} mean {last.mean():.4f}" if len(last) else "  no validation rows")
+        last, loss = (values[running, -1] for values in (metrics["val_mrrmse"], metrics["train_loss"]))
+        last, loss = last[np.isfinite(last)], loss[np.isfinite(loss)]
+        val = "  no finite val MRRMSE"
+        if self.config.cv == "full":
+            val = "  no validation rows"
+        elif len(last):
+            val = f"  val MRRMSE best {last.min():.4f} mean {last.mean():.4f}"
         print(
             f"{self.label}epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}" + val +
-            f"  train loss {np.nanmean(metrics['train_loss'][running, -1]):.4f}"
+            (f"  train loss {loss.mean():.4f}" if len(loss) else "  no finite train loss") +
             f"  {metrics['running'].sum() / seconds:8.1f} member-epochs/s" + (" (incl. compile)" if self.first else ""),
             flush=True,
         )
@@ -128,7 +164,7 @@ def member_rows(result):
     return rows
 
 
-def cv_report(config, result):
+def cv_report(result):
     """cv.json: the scheme and member table; CV fields are null where nothing is validated (cv = "full")."""
     return {
         "scheme": result.folds.scheme,
@@ -156,39 +192,58 @@ def main(argv=None):
     initialize_distributed(config.distributed)
     from scp_jax.data.dataset import load_id_map, load_train, write_submission
     from scp_jax.engine.checkpoint import Checkpointer
+    from scp_jax.engine.cv import make_folds
+    from scp_jax.engine.members import MemberTable
     from scp_jax.engine.trainer import train_ensemble
     from scp_jax.report import write_report
 
     train_path, id_map_path = resolve_inputs(config)
     train = load_train(train_path)
     queries = load_id_map(id_map_path, train) if id_map_path else None
+    members = MemberTable.from_config(config, make_folds(config.cv, train, config.folds, config.seed).n_folds)
     # In a multi-process run every process trains its share of the members; process 0 writes the run
     # dir (the checkpoints are written by all, through Orbax).
     writer = jax.process_index() == 0
-    chosen = ""
+    chosen, created = "", []
     if writer:
-        run_dir = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
-        if not args.resume:
-            write_text(run_dir / "config.toml", to_toml(config))
-        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes, {config.ensemble} members")
+        run_dir, created = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
+        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes, {len(members)} members")
+        if queries is None:
+            print(f"no {train_path.with_name('id_map.csv')}: no submission.csv (pass --id-map for one)")
         chosen = str(run_dir)
     run_dir = Path(broadcast_text(chosen))  # a default --out is a timestamp: process 0's
 
     start = time.perf_counter()
-    checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume))
-    log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
-    stage1_log = None
-    if writer and config.pseudo_labels.enabled:
-        stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ")
-    result = train_ensemble(config, train, queries, on_chunk=log, checkpointer=checkpointer, on_pseudo_chunk=stage1_log)
+    checkpointer = None
+    try:
+        if writer and not args.resume:
+            write_text(run_dir / "config.toml", to_toml(config))
+        checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume))
+        log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
+        stage1_log = None
+        if writer and config.pseudo_labels.enabled:
+            stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ")
+        result = train_ensemble(config, train, queries, members=members, on_chunk=log, checkpointer=checkpointer,
+                                on_pseudo_chunk=stage1_log)
+    except BaseException as err:
+        if checkpointer is not None:
+            checkpointer.close()  # an open manager's threads would trip over the interpreter's shutdown
+        if writer and not args.resume and isinstance(err, UserError):
+            discard_start(run_dir, created)
+        raise
+    if not (result.best_epoch >= 0).any():
+        raise UserError(f"{run_dir}: every member diverged (NaN/Inf) before a finite score, so nothing is left to"
+                        " predict with; lower optim.learning_rate or optim.clip_norm")
     if not writer:
         return
-    report = cv_report(config, result)
+    report = cv_report(result)
     write_text(run_dir / "cv.json", json.dumps(report, indent=2) + "\n")
     write_member_table(run_dir / "members.csv", report["members"])
     for row in report["members"]:
         if row["status"] == "diverged":
-            print(f"member {row['member']} diverged (NaN/Inf) at epoch {row['stopped_epoch']}; kept its best epoch")
+            kept = (f"kept epoch {row['best_epoch']}" if row["best_epoch"] >= 0
+                    else "it has no finite epoch and is left out of the ensemble")
+            print(f"member {row['member']} diverged (NaN/Inf) at epoch {row['stopped_epoch']}; {kept}")
     if queries is not None:
         write_submission(run_dir / "submission.csv", queries.ids, train.genes, result.test_predictions)
     write_report(run_dir)

@@ -41,3 +41,11 @@ def test_unreadable_config_file_is_one_line_user_error(tmp_path):
         with pytest.raises(UserError, match=re.escape(f"{path}: {message}")):
             load_config(path)
 
+
+def test_train_stores_data_paths_absolute(tmp_path, monkeypatch):
+    """So `--resume` finds the data from any folder."""
+    from scp_jax.train import parse_args, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    config = resolve_config(parse_args(["--data", "world/de_train.parquet", "--id-map", "ids.csv"]))
+    assert (config.data.train, config.data.id_map) == (str(tmp_path / "world/de_train.parquet"), str(tmp_path / "ids.csv"))
