@@ -1,4 +1,4 @@
-"""`python -m scp_jax.export RUN_DIR --out model.npz [--best|--last] [--step N|best]`: a trained ensemble as plain numpy.
+"""`python -m scp_jax.export RUN_DIR --out model.npz [--best|--last] [--step N|best]`: an ensemble as plain numpy.
 
 It reads the latest checkpoint, or `--step`: a kept step, or `best`, the kept step whose last-epoch
 parameters scored best (with `--last`: the ensemble stopped at its best checkpoint).
