@@ -88,7 +88,7 @@ def out_of_memory_hint(config, n_members):
             raise
         raise UserError(
             f"device out of memory training {n_members} members: lower ensemble, batch_size"
-            f" ({config.batch_size}) or model.hidden ({list(config.model.hidden)})"
+            f" ({config.batch_size}) or {config.size_settings()}"
             f" [{str(err).strip().splitlines()[0][:200]}]"
         ) from None
 
