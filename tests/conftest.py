@@ -18,7 +18,9 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opti
 # Features computed by the code under test, not read from a cache an earlier version filled.
 os.environ["SCP_JAX_CACHE"] = tempfile.mkdtemp(prefix="scp_jax_cache_")
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/data/op2"
+ROOT = Path(__file__).resolve().parents[1]
+CI_CONFIG = ROOT / "configs" / "ci.toml"
+REFERENCE = ROOT.parent / "shared/data/op2"
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +44,19 @@ def free_address():
             probe.bind(("localhost", 0))
             return f"localhost:{probe.getsockname()[1]}"
     return address
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """A function running a CLI `main(argv)` that must fail as a user error: exit code 2 and exactly one stderr line,
+    starting with 'error: ' (no traceback), holding each of `fragments`. Returns that line, stripped."""
+    def run(main, argv, *fragments):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in argv])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2, (exit_.value.code, error)
+        assert error.startswith("error: ") and error.endswith("\n") and error.count("\n") == 1, error
+        for fragment in fragments:
+            assert fragment in error, (fragment, error)
+        return error.strip()
+    return run

@@ -13,17 +13,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import CI_CONFIG, ROOT
 from scp_jax.data.synth import make_world
 from scp_jax.engine.checkpoint import STALL_ENV, latest_step, restore_items
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--config", ROOT / "configs" / "ci.toml", "--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
+RUN = ["--config", CI_CONFIG, "--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
        "--set", "model.hidden=[16]", "--set", "model.activation='gelu'", "--set", "targets.transform='t_statistic'"]
 
 
@@ -84,7 +83,7 @@ def test_resume_after_sigkill_is_bit_identical(runs):
     assert any(k.startswith("opt_state.") and k.endswith("mu.head.kernel") for k in a) and "best_params.head.kernel" in a
 
 
-def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, capsys):
+def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_error):
     import jax
     import jax.numpy as jnp
 
@@ -135,11 +134,8 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, capsys
     # An export from before the members' scores were exported cannot weigh them: one line, nothing written.
     del arrays["members.best_score"]
     write_npz(tmp_path / "old.npz", arrays, manifest)
-    with pytest.raises(SystemExit) as exit_:
-        predict_main([str(tmp_path / "old.npz"), "--id-map", str(id_map), "--out", str(tmp_path / "old.csv"),
-                      "--aggregate", "weighted"])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and error.count("\n") == 1 and "export the run again" in error, error
+    cli_error(predict_main, [tmp_path / "old.npz", "--id-map", id_map, "--out", tmp_path / "old.csv",
+                             "--aggregate", "weighted"], "export the run again")
     assert not (tmp_path / "old.csv").exists()
 
 
@@ -196,27 +192,22 @@ def copy_checkpoints(runs, tmp_path):
     (lambda step: [f.write_bytes(f.read_bytes()[:10]) for f in (step / "state" / "ocdbt.process_0" / "d").iterdir()],
      r"6/state: checkpoint step 6 is corrupted \(OUT_OF_RANGE: .* local file \"state/\""),
 ])
-def test_corrupted_checkpoint_is_one_line_error(runs, tmp_path, capsys, damage, message):
+def test_corrupted_checkpoint_is_one_line_error(runs, tmp_path, cli_error, damage, message):
     from scp_jax.export import main as export_main
 
     damage(copy_checkpoints(runs, tmp_path) / "6")
-    with pytest.raises(SystemExit) as exit_:
-        export_main([str(tmp_path), "--out", str(tmp_path / "m.npz")])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and error.count("\n") == 1 and re.search(message, error), error
+    error = cli_error(export_main, [tmp_path, "--out", tmp_path / "m.npz"])
+    assert re.search(message, error), error
 
 
-def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
+def test_missing_checkpoint_is_one_line_error(tmp_path, cli_error):
     from scp_jax.export import main as export_main
 
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(SystemExit) as exit_:
-        export_main([str(tmp_path), "--out", str(tmp_path / "m.npz")])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and "no complete checkpoint" in error and error.count("\n") == 1
+    cli_error(export_main, [tmp_path, "--out", tmp_path / "m.npz"], "no complete checkpoint")
 
 
-def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys):
+def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys, cli_error):
     """`export --step`, and predict's one-line refusals: an id map of the shared checks (unknown cell type,
     repeated id), a file that is no npz, outputs that cannot be written. Nothing is written."""
     from scp_jax.engine.checkpoint import restore_items
@@ -243,10 +234,7 @@ def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys):
         (predict_main, [model, "--id-map", good, "--out", tmp_path], "cannot write (Is a directory)"),
     ]
     for main, argv, message in cases:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in argv])
-        error = capsys.readouterr().err
-        assert exit_.value.code == 2 and error.count("\n") == 1 and message in error, error
+        cli_error(main, argv, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz", "repeated.csv", "text.npz", "unknown.csv"]
 
 

@@ -15,25 +15,6 @@ from scp_jax.data.__main__ import main
 from scp_jax.data.score import read_submission
 
 
-def run_cli(capsys, *argv):
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 @pytest.fixture
 def world(small_world, tmp_path):
     """A private copy of the small world, safe to corrupt."""
@@ -58,38 +39,38 @@ def test_loads_small_world(small_world):
     assert all(train.compounds[i] == name for i, name in zip(queries.compound_index, queries.sm_name))
 
 
-def test_missing_file(capsys, tmp_path):
-    assert_one_line_error(*run_cli(capsys, "check", tmp_path / "nope.parquet")[::2], "nope.parquet", "not found")
+def test_missing_file(cli_error, tmp_path):
+    cli_error(main, ["check", tmp_path / "nope.parquet"], "nope.parquet", "not found")
 
 
-def test_not_parquet(capsys, tmp_path):
+def test_not_parquet(cli_error, tmp_path):
     (tmp_path / "de_train.parquet").write_text("cell_type,sm_name\n")
-    assert_one_line_error(*run_cli(capsys, "check", tmp_path / "de_train.parquet")[::2], "not a readable parquet")
+    cli_error(main, ["check", tmp_path / "de_train.parquet"], "not a readable parquet")
 
 
-def test_missing_required_column(capsys, world):
+def test_missing_required_column(cli_error, world):
     path = rewrite_train(world, lambda f: f.drop(columns="SMILES"))
-    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "missing required column 'SMILES'")
+    cli_error(main, ["check", path], "missing required column 'SMILES'")
 
 
-def test_no_gene_columns(capsys, world):
+def test_no_gene_columns(cli_error, world):
     path = rewrite_train(world, lambda f: f[["cell_type", "sm_name", "sm_lincs_id", "SMILES", "control"]])
-    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "no gene columns")
+    cli_error(main, ["check", path], "no gene columns")
 
 
-def test_non_numeric_target(capsys, world):
+def test_non_numeric_target(cli_error, world):
     def change(frame):
         frame["G00007"] = frame["G00007"].astype(str)
         frame.loc[3, "G00007"] = "high"
         return frame
 
     path = rewrite_train(world, change)
-    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "'G00007'", "not numeric", "'high'", "row 3")
+    cli_error(main, ["check", path], "'G00007'", "not numeric", "'high'", "row 3")
 
 
-def test_non_finite_target(capsys, world):
+def test_non_finite_target(cli_error, world):
     path = rewrite_train(world, lambda f: f.assign(G00005=f["G00005"].where(f.index != 11, np.inf)))
-    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "'G00005'", "non-finite", "row 11")
+    cli_error(main, ["check", path], "'G00005'", "non-finite", "row 11")
 
 
 def tiny_table(path, **columns):
@@ -110,13 +91,13 @@ def tiny_table(path, **columns):
     (dict(G1=[1.0, 1e300]), ["gene column 'G1' has value 1e+300 beyond the float32 range at row 1 (NK cells, A)"]),
     (dict(G1=[1.0, None]), ["gene column 'G1' has null value at row 1 (NK cells, A)"]),
 ])
-def test_repeated_columns_and_values_beyond_float32(capsys, tmp_path, columns, fragments):
+def test_repeated_columns_and_values_beyond_float32(cli_error, tmp_path, columns, fragments):
     path = tiny_table(tmp_path / "de_train.parquet", **columns)
-    assert_one_line_error(*run_cli(capsys, "check", path)[::2], f"error: {path}: ", *fragments)
+    cli_error(main, ["check", path], f"error: {path}: ", *fragments)
 
 
 @pytest.mark.parametrize("column", ["cell_type", "sm_name", "SMILES"])
-def test_meta_column_without_a_text_form(capsys, tmp_path, column):
+def test_meta_column_without_a_text_form(cli_error, tmp_path, column):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,16 +105,15 @@ def test_meta_column_without_a_text_form(capsys, tmp_path, column):
     table = pq.read_table(path)
     table = table.set_column(table.column_names.index(column), column, pa.array([["x"], ["y"]]))
     pq.write_table(table, path)
-    assert_one_line_error(*run_cli(capsys, "check", path)[::2],
-                          f"error: {path}: column '{column}' must hold text, got list<element: string>")
+    cli_error(main, ["check", path], f"error: {path}: column '{column}' must hold text, got list<element: string>")
 
 
-def test_duplicate_row(capsys, world):
+def test_duplicate_row(cli_error, world):
     path = rewrite_train(world, lambda f: f.assign(
         cell_type=f["cell_type"].where(f.index != 5, f["cell_type"][0]),
         sm_name=f["sm_name"].where(f.index != 5, f["sm_name"][0]),
     ))
-    assert_one_line_error(*run_cli(capsys, "check", path)[::2], "duplicate row", "rows 0 and 5")
+    cli_error(main, ["check", path], "duplicate row", "rows 0 and 5")
 
 
 def rewrite_id_map(world, change):
@@ -142,35 +122,32 @@ def rewrite_id_map(world, change):
     return world / "id_map.csv"
 
 
-def test_id_map_unknown_compound(capsys, world):
+def test_id_map_unknown_compound(cli_error, world):
     path = rewrite_id_map(world, lambda f: f.assign(sm_name=f["sm_name"].where(f.index != 4, "Unobtainium")))
-    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
-    assert_one_line_error(code, err, "row 4", "'Unobtainium'", "never seen in training data")
+    cli_error(main, ["check", world / "de_train.parquet", path],
+              "row 4", "'Unobtainium'", "never seen in training data")
 
 
-def test_id_map_compound_without_smiles(capsys, world):
+def test_id_map_compound_without_smiles(cli_error, world):
     compound = pd.read_csv(world / "id_map.csv")["sm_name"][4]
     rewrite_train(world, lambda f: f.assign(SMILES=f["SMILES"].where(f["sm_name"] != compound, None)))
-    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", world / "id_map.csv")
-    assert_one_line_error(code, err, "row 4", repr(compound), "has no SMILES in training data")
+    cli_error(main, ["check", world / "de_train.parquet", world / "id_map.csv"],
+              "row 4", repr(compound), "has no SMILES in training data")
 
 
-def test_id_map_unknown_cell_type(capsys, world):
+def test_id_map_unknown_cell_type(cli_error, world):
     path = rewrite_id_map(world, lambda f: f.assign(cell_type=f["cell_type"].where(f.index != 2, "Neurons")))
-    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
-    assert_one_line_error(code, err, "row 2", "'Neurons'", "never seen")
+    cli_error(main, ["check", world / "de_train.parquet", path], "row 2", "'Neurons'", "never seen")
 
 
-def test_id_map_duplicate_id(capsys, world):
+def test_id_map_duplicate_id(cli_error, world):
     path = rewrite_id_map(world, lambda f: f.assign(id=f["id"].where(f.index != 9, 1)))
-    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
-    assert_one_line_error(code, err, "duplicate id 1", "rows 1 and 9")
+    cli_error(main, ["check", world / "de_train.parquet", path], "duplicate id 1", "rows 1 and 9")
 
 
-def test_id_map_missing_column(capsys, world):
+def test_id_map_missing_column(cli_error, world):
     path = rewrite_id_map(world, lambda f: f.drop(columns="cell_type"))
-    code, _, err = run_cli(capsys, "check", world / "de_train.parquet", path)
-    assert_one_line_error(code, err, "id_map.csv", "missing required column 'cell_type'")
+    cli_error(main, ["check", world / "de_train.parquet", path], "id_map.csv", "missing required column 'cell_type'")
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):

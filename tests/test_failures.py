@@ -2,24 +2,15 @@
 
 import collections
 import shutil
-from pathlib import Path
 
 import jax
 import pytest
 
+from conftest import CI_CONFIG
 from scp_jax import train
 from scp_jax.errors import UserError
 
-CI_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ci.toml")
 TINY = ["--config", CI_CONFIG, "--ensemble", "2", "--epochs", "2", "--set", "model.hidden=[8]", "--set", "folds=2"]
-
-
-def fails(argv, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        train.main([str(a) for a in argv])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and error.startswith("error: ") and error.count("\n") == 1, error
-    return error
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -28,8 +19,8 @@ def fails(argv, capsys):
     (["--set", "checkpoint_keep=two"], "checkpoint_keep must be int"),
     (["--set", "checkpoint_every=0"], "checkpoint_every must be >= 1"),
 ])
-def test_config_errors(argv, message, capsys):
-    assert message in fails(argv, capsys)
+def test_config_errors(argv, message, cli_error):
+    assert message in cli_error(train.main, argv)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -37,20 +28,20 @@ def test_config_errors(argv, message, capsys):
     (["--set", "targets.svd=700"], "targets.svd = 700 exceeds the rank bound"),
     (["--set", "pseudo_labels.enabled=true"], "pseudo_labels.enabled needs an id map"),
 ])
-def test_config_errors_found_while_fitting_leave_nothing(small_world, tmp_path, capsys, argv, message):
+def test_config_errors_found_while_fitting_leave_nothing(small_world, tmp_path, cli_error, argv, message):
     """Found after the run dir was made: it is removed again, with the folders made for it."""
     shutil.copy(small_world / "de_train.parquet", tmp_path)  # no id_map.csv beside it
-    assert message in fails(["--data", tmp_path / "de_train.parquet", "--out", tmp_path / "new" / "run", *TINY, *argv],
-                            capsys)
+    assert message in cli_error(train.main, ["--data", tmp_path / "de_train.parquet", "--out", tmp_path / "new" / "run",
+                                             *TINY, *argv])
     assert not (tmp_path / "new").exists()
 
 
-def test_run_dir_not_writable(small_world, tmp_path, capsys):
+def test_run_dir_not_writable(small_world, tmp_path, cli_error):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    error = fails(["--data", small_world / "de_train.parquet", "--out", blocker / "run", *TINY], capsys)
+    error = cli_error(train.main, ["--data", small_world / "de_train.parquet", "--out", blocker / "run", *TINY])
     assert "run dir is not writable" in error
-    error = fails(["--data", small_world / "de_train.parquet", "--out", blocker, *TINY], capsys)
+    error = cli_error(train.main, ["--data", small_world / "de_train.parquet", "--out", blocker, *TINY])
     assert "a-file: run dir is not a directory" in error
 
 
@@ -66,21 +57,21 @@ def test_run_dir_reuses_only_an_untouched_start(tmp_path):
         train.prepare_run_dir(run)
 
 
-def test_disk_too_full_for_checkpoints_stops_before_training(small_world, tmp_path, capsys, monkeypatch):
+def test_disk_too_full_for_checkpoints_stops_before_training(small_world, tmp_path, cli_error, monkeypatch):
     from scp_jax.engine import checkpoint
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     run = tmp_path / "run"
-    error = fails(["--data", small_world / "de_train.parquet", "--out", run, *TINY], capsys)
+    error = cli_error(train.main, ["--data", small_world / "de_train.parquet", "--out", run, *TINY])
     assert "checkpoints need about" in error and "lower checkpoint_keep, ensemble or model.hidden ([8])" in error
     assert not run.exists()
-    error = fails(["--data", small_world / "de_train.parquet", "--out", run, *TINY, "--set", "model.kind='factorized'"],
-                  capsys)
+    error = cli_error(train.main, ["--data", small_world / "de_train.parquet", "--out", run, *TINY,
+                                   "--set", "model.kind='factorized'"])
     assert "lower checkpoint_keep, ensemble or model.rank (16)" in error
 
 
-def test_device_out_of_memory_names_the_settings(small_world, tmp_path, capsys, monkeypatch):
+def test_device_out_of_memory_names_the_settings(small_world, tmp_path, cli_error, monkeypatch):
     from scp_jax.engine import ensemble, trainer
 
     def exhausted(*args):
@@ -92,28 +83,28 @@ def test_device_out_of_memory_names_the_settings(small_world, tmp_path, capsys, 
         return engine
 
     monkeypatch.setattr(trainer, "compiled_ensemble", hungry)
-    error = fails(["--data", small_world / "de_train.parquet", "--out", tmp_path / "run", *TINY], capsys)
+    error = cli_error(train.main, ["--data", small_world / "de_train.parquet", "--out", tmp_path / "run", *TINY])
     assert "device out of memory training 2 members" in error and "lower ensemble, batch_size (64) or model.hidden ([8])" in error
 
 
-def test_resume_without_checkpoint(small_world, tmp_path, capsys):
+def test_resume_without_checkpoint(small_world, tmp_path, cli_error):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(f'epochs = 2\nensemble = 2\n[data]\ntrain = "{small_world / "de_train.parquet"}"\n')
-    assert "no complete checkpoint" in fails(["--resume", run], capsys)
-    assert "takes no other flags" in fails(["--resume", run, "--epochs", "3"], capsys)
+    assert "no complete checkpoint" in cli_error(train.main, ["--resume", run])
+    assert "takes no other flags" in cli_error(train.main, ["--resume", run, "--epochs", "3"])
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # no 'Mean of empty slice' from the progress line
-def test_every_member_diverged_is_one_line_before_any_result(small_world, tmp_path, capsys):
+def test_every_member_diverged_is_one_line_before_any_result(small_world, tmp_path, cli_error):
     run = tmp_path / "run"
-    error = fails(["--data", small_world / "de_train.parquet", "--out", run, *TINY,
-                   "--set", "optim.learning_rate=1e30", "--set", "optim.clip_norm=1e30"], capsys)
+    error = cli_error(train.main, ["--data", small_world / "de_train.parquet", "--out", run, *TINY,
+                                   "--set", "optim.learning_rate=1e30", "--set", "optim.clip_norm=1e30"])
     assert "every member diverged (NaN/Inf) before a finite score" in error
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
 
 
-def test_missing_default_config_is_an_error(tmp_path, capsys, monkeypatch):
+def test_missing_default_config_is_an_error(tmp_path, cli_error, monkeypatch):
     """A non-editable install lacks configs/: no silent fall back to the code's defaults, another recipe."""
     monkeypatch.setattr(train, "DEFAULT_CONFIG", tmp_path / "configs" / "default.toml")
-    assert "default config not found" in fails(["--epochs", "2"], capsys)
+    assert "default config not found" in cli_error(train.main, ["--epochs", "2"])

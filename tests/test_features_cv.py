@@ -1,7 +1,6 @@
 """Feature sets, per-fold target encodings, SVD targets and CV schemes, on the 64-gene world."""
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import CI_CONFIG
 from scp_jax.config import load_config
 from scp_jax.data.dataset import load_id_map, load_train
 from scp_jax.engine.cv import HELD_OUT_CELLS, make_folds
@@ -290,9 +290,8 @@ def test_cli_full_scheme_keeps_the_last_epoch_and_writes_null_cv(small_world, tm
 
     from scp_jax.train import main as train_main
 
-    ci_config = str(Path(__file__).resolve().parents[1] / "configs" / "ci.toml")
-    train_main(["--config", ci_config, "--data", str(small_world / "de_train.parquet"), "--out", str(tmp_path / "run"),
-                "--ensemble", "2",
+    train_main(["--config", str(CI_CONFIG), "--data", str(small_world / "de_train.parquet"),
+                "--out", str(tmp_path / "run"), "--ensemble", "2",
                 "--epochs", "2", "--set", "cv=full", "--set", "model.hidden=[8]", "--set", "checkpoint_every=2",
                 "--set", 'features=["onehot", "target_encoding"]'])
     report = json.loads((tmp_path / "run" / "cv.json").read_text())

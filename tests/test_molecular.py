@@ -117,14 +117,12 @@ def test_cli_writes_features_in_compound_vocabulary_order(tmp_path, command, cap
         compound_features(f"chemberta:{out}", ["CCO", "O"])
 
 
-def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+def test_cli_errors_are_one_line_exit_2(tmp_path, cli_error):
     """The compound sorts first but sits at file rows 2-3: the message names the file's row."""
     data = write_train(tmp_path / "de_train.parquet", {"Zeta": "CCO", "Broken": "C1CC(not a molecule"})
-    with pytest.raises(SystemExit) as exit_info:
-        features_main(["morgan", "--data", str(data), "--out", str(tmp_path / "f.npz")])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == (f"error: {data}: column 'SMILES' has invalid SMILES "
-                                               "'C1CC(not a molecule' for compound 'Broken' (first at row 2)")
+    error = cli_error(features_main, ["morgan", "--data", data, "--out", tmp_path / "f.npz"])
+    assert error == (f"error: {data}: column 'SMILES' has invalid SMILES "
+                     "'C1CC(not a molecule' for compound 'Broken' (first at row 2)")
     assert not list(tmp_path.glob("*.npz"))
 
 

@@ -3,8 +3,6 @@
 import json
 import math
 
-import pytest
-
 from scp_jax.report import draw, main, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,12 +65,8 @@ def test_report_full_without_scores(tmp_path):
     check_png(tmp_path)
 
 
-def test_cli_missing_cv_json(tmp_path, capsys):
+def test_cli_missing_cv_json(tmp_path, cli_error):
     make_run(tmp_path, [[1.3, 1.2]], [[True, True]])
     (tmp_path / "cv.json").unlink()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cv.json" in err
+    cli_error(main, [tmp_path], "cv.json")
     assert not (tmp_path / "report.png").exists()

@@ -84,12 +84,10 @@ def test_score_orders_oracle_zeros_and_nonsense(small_world, tmp_path, capsys):
     assert oracle_scores["oracle"] < oracle_scores["effect_oracle"] < oracle_scores["zeros"] < threes
 
 
-def test_score_rejects_submission_missing_an_id(small_world, tmp_path, capsys):
+def test_score_rejects_submission_missing_an_id(small_world, tmp_path, cli_error):
     pd.read_parquet(small_world / "hidden" / "oracle.parquet").iloc[1:].to_csv(tmp_path / "sub.csv", index=False)
-    with pytest.raises(SystemExit) as exit_:
-        main(["score", str(small_world), str(tmp_path / "sub.csv")])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'sub.csv'}: id 0 from id_map is missing"]
+    assert (cli_error(main, ["score", small_world, tmp_path / "sub.csv"])
+            == f"error: {tmp_path / 'sub.csv'}: id 0 from id_map is missing")
 
 
 def test_hidden_answers_missing_an_id_are_refused(small_world, tmp_path):
@@ -155,12 +153,9 @@ def test_reference_world_uses_real_genes_compounds_and_id_map(reference_dir, tmp
     pd.testing.assert_frame_equal(pd.read_csv(world / "id_map.csv"), pd.read_csv(reference_dir / "id_map.csv"))
 
 
-def test_reference_dir_missing_a_file_writes_nothing(tmp_path, capsys):
+def test_reference_dir_missing_a_file_writes_nothing(tmp_path, cli_error):
     (tmp_path / "ref").mkdir()
     (tmp_path / "ref" / "genes.txt").write_text("A\nB\n")
-    with pytest.raises(SystemExit) as exit_:
-        main(["synth", "--out", str(tmp_path / "out"), "--genes", "2", "--reference", str(tmp_path / "ref")])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: reference dir {tmp_path / 'ref'} lacks compounds_smiles.csv"]
+    assert (cli_error(main, ["synth", "--out", tmp_path / "out", "--genes", "2", "--reference", tmp_path / "ref"])
+            == f"error: reference dir {tmp_path / 'ref'} lacks compounds_smiles.csv")
     assert not (tmp_path / "out").exists()

@@ -16,10 +16,6 @@ BASE = ["batch_size=8", "epochs=4", "epochs_per_chunk=4", "folds=3", "model.hidd
         "model.width=8", "model.depth=1", "model.heads=2"]
 
 
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
 # Every kind beyond the MLP, which every other engine test trains.
 @pytest.mark.parametrize("kind", ["resmlp", "cnn", "gru", "lstm", "transformer", "factorized"])
 def test_model_kinds_train_as_a_vmapped_ensemble(kind):
