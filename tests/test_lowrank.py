@@ -122,7 +122,7 @@ def test_members_train_the_same_with_lowrank_gradients(monkeypatch, precision):
     forming x^T dy does, bf16 rounding bits included; in fp32 both match dense gradients. (bf16_state
     computes in bf16, where autodiff's dW is rounded to bf16 and x^T dy here is not.)"""
     train = toy_train()
-    base = ["model.hidden=[16]", "batch_size=8", "epochs=3", "epochs_per_chunk=3", "folds=3", "ensemble=1",
+    base = ["model.hidden=[16]", "batch_size=8", "epochs=2", "epochs_per_chunk=2", "folds=3", "ensemble=1",
             "sweep.dropout=[0.2]", "sweep.input_mask=[0.1]", f"precision={precision}"]
     runs = {}
     for impl in ("xla", "interpret"):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import pytest
 from scp_jax.config import load_config
 from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.members import MemberTable
-from scp_jax.engine.trainer import train_ensemble
+from scp_jax.engine.trainer import kfold_assignment, member_specs, train_ensemble
 from scp_jax.precision import stochastic_round_bf16
 from toy import toy_queries, toy_train
 
@@ -37,15 +36,15 @@ def test_sweep_is_the_product_of_members_and_values():
 
 
 def test_a_members_seed_and_fold_both_reach_its_keys():
-    """Members 0 and 3 share fold 0 and differ in seed alone, so only their keys can tell them apart."""
-    config = load_config(None, BASE + ["ensemble=6", "epochs=1"])
-    result = train_ensemble(config, toy_train())
-    assert (result.members.fold[[0, 3]] == 0).all() and list(result.members.seed[[0, 3]]) == [0, 1]
-    assert not np.allclose(member_leaves(result.state, 0)[0], member_leaves(result.state, 3)[0])
-    engine = compiled_ensemble(config, (1, 1, 0, 0), 4)
-    keys = {(seed, fold): jax.random.key_data(engine.member_key(SimpleNamespace(seed=seed, fold=fold), 0)).tobytes()
-            for seed in (0, 1) for fold in (0, 1)}
-    assert len(set(keys.values())) == 4
+    """Members 0..5: fold i % 3, seed i // 3. Initial parameters differ between members that share a
+    fold (0 and 3) and between members that share a seed (0 and 1): both reach the member's key."""
+    config = load_config(None, BASE + ["ensemble=6"])
+    members = MemberTable.from_config(config)
+    specs = member_specs(config, members, kfold_assignment(30, 3, 0))[0]
+    params = compiled_ensemble(config, (1, 1, 0, 0), 4).init(jax.tree.map(jnp.asarray, specs)).params
+    flat = np.concatenate([np.asarray(leaf).reshape(6, -1) for leaf in jax.tree.leaves(params)], axis=1)
+    assert list(members.fold[[0, 3, 1]]) == [0, 0, 1] and list(members.seed[[0, 3, 1]]) == [0, 1, 0]
+    assert not np.allclose(flat[0], flat[3]) and not np.allclose(flat[0], flat[1])
 
 
 def test_sweep_member_equals_that_member_alone_with_its_hyperparameters():
@@ -175,7 +174,7 @@ sys.path.insert(0, {tests!r})
 from toy import toy_train
 from scp_jax.config import load_config
 from scp_jax.engine.devices import initialize_distributed, to_host
-from scp_jax.engine.trainer import train_ensemble
+from scp_jax.engine.trainer import kfold_assignment, member_specs, train_ensemble
 initialize_distributed(False)  # joins when SCP_JAX_DISTRIBUTED=1
 assert jax.device_count() == {devices}
 config = load_config(None, {config!r})
