@@ -5,6 +5,7 @@ Flags are shorthands for config keys (`--ensemble 20` is `--set ensemble=20`), s
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -40,7 +41,7 @@ def parse_args(argv):
 
 
 def resolve_config(args):
-    """The run's config; data paths made absolute, so `--resume` works from any folder."""
+    """The run's config; data and feature file paths made absolute, so `--resume` works from any folder."""
     if args.resume:
         return load_config(Path(args.resume) / "config.toml")
     overrides = [f"{key}={json.dumps(str(value)) if isinstance(value, str) else value}"
@@ -50,7 +51,16 @@ def resolve_config(args):
                         " configs/ behind); pass --config FILE or install with `pip install -e .`")
     config = load_config(args.config or DEFAULT_CONFIG, overrides + args.set)
     data = {key: os.path.abspath(value) for key in ("train", "id_map") if (value := getattr(config.data, key))}
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, **data))
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **data),
+                               features=tuple(absolute_feature_path(spec) for spec in config.features))
+
+
+def absolute_feature_path(spec):
+    """`chemberta:FILE.npz` / `chemberta-model:DIR` with an absolute path, when it names one that exists."""
+    kind, _, argument = spec.partition(":")
+    if kind in ("chemberta", "chemberta-model") and os.path.exists(argument):
+        return f"{kind}:{os.path.abspath(argument)}"
+    return spec
 
 
 def resolve_inputs(config):
@@ -72,7 +82,7 @@ METRICS_FILES = ("metrics.jsonl", "metrics-stage1.jsonl")
 
 def untouched_start(run_dir):
     """Whether RUN_DIR holds exactly what a run writes before its first epoch: config.toml, empty metrics
-    files and an empty checkpoints/ (a run stopped before it trained, by an error or a kill)."""
+    files and an empty checkpoints/."""
     names = {path.name for path in run_dir.iterdir()}
     return ({"config.toml", "metrics.jsonl", "checkpoints"} <= names <= {"config.toml", *METRICS_FILES, "checkpoints"}
             and all((run_dir / name).stat().st_size == 0 for name in names & set(METRICS_FILES))
@@ -80,12 +90,13 @@ def untouched_start(run_dir):
 
 
 def prepare_run_dir(out, resume=False):
-    """Create the run dir (or reuse it when resuming, or when it holds an untouched start) and prove it is
-    writable before any training time is spent. Returns it and the folders created for it, deepest first."""
+    """Create the run dir (or reuse it when resuming) and prove it is writable before any training time
+    is spent. Returns it and the folders created for it, deepest first. A dir that holds files is
+    refused, even one that looks like a fresh start: another run may be starting in it."""
     run_dir = Path(out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: run dir is not a directory")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()) and not untouched_start(run_dir):
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir}: run dir already holds files; pick another --out")
     created = [path for path in (run_dir, *run_dir.parents) if not path.exists()]
     try:
@@ -100,13 +111,15 @@ def prepare_run_dir(out, resume=False):
 
 def discard_start(run_dir, created):
     """Remove an untouched start and the folders made for it: a run stopped by bad config or input
-    before its first epoch leaves nothing behind."""
-    if not untouched_start(run_dir):
-        return
-    for path in run_dir.iterdir():
-        path.rmdir() if path.is_dir() else path.unlink()
-    for folder in created:
-        folder.rmdir()
+    before its first epoch leaves nothing behind. Best effort: a folder another run has since put
+    files in stays, and the error that stopped the run is what the user sees."""
+    with contextlib.suppress(OSError):
+        if not untouched_start(run_dir):
+            return
+        for path in run_dir.iterdir():
+            path.rmdir() if path.is_dir() else path.unlink()
+        for folder in created:
+            folder.rmdir()
 
 
 def truncate_metrics(path, epoch):
@@ -140,13 +153,15 @@ class ChunkLog:
         last, loss = (values[running, -1] for values in (metrics["val_mrrmse"], metrics["train_loss"]))
         last, loss = last[np.isfinite(last)], loss[np.isfinite(loss)]
         val = "  no finite val MRRMSE"
-        if self.config.cv == "full":
+        if not running.any():
+            val = "  every member has stopped"
+        elif self.config.cv == "full":
             val = "  no validation rows"
         elif len(last):
             val = f"  val MRRMSE best {last.min():.4f} mean {last.mean():.4f}"
         print(
             f"{self.label}epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}" + val +
-            (f"  train loss {loss.mean():.4f}" if len(loss) else "  no finite train loss") +
+            (f"  train loss {loss.mean():.4f}" if len(loss) else "  no finite train loss" if running.any() else "") +
             f"  {metrics['running'].sum() / seconds:8.1f} member-epochs/s" + (" (incl. compile)" if self.first else ""),
             flush=True,
         )

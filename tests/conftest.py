@@ -5,7 +5,9 @@ than they save: level 0 makes the suite about twice as fast, in this process, it
 CLI subprocesses (they inherit the environment). Semantics are unchanged.
 """
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -17,6 +19,7 @@ from scp_jax.data.synth import make_world
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # Features computed by the code under test, not read from a cache an earlier version filled.
 os.environ["SCP_JAX_CACHE"] = tempfile.mkdtemp(prefix="scp_jax_cache_")
+atexit.register(shutil.rmtree, os.environ["SCP_JAX_CACHE"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "configs" / "ci.toml"

@@ -45,16 +45,19 @@ def test_run_dir_not_writable(small_world, tmp_path, cli_error):
     assert "a-file: run dir is not a directory" in error
 
 
-def test_run_dir_reuses_only_an_untouched_start(tmp_path):
-    """A start that never trained (a kill before the first epoch) is reused; a run with any epoch is refused."""
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+def test_a_run_dir_is_never_shared_and_cleanup_spares_other_runs(tmp_path):
+    """A dir that looks like a fresh start may be a run starting: refused. A failed run's cleanup
+    removes its own start but leaves a parent another run has put files in, without raising."""
+    run, created = train.prepare_run_dir(tmp_path / "runs" / "a")
+    assert created == [tmp_path / "runs" / "a", tmp_path / "runs"]
+    (run / "checkpoints").mkdir()
     (run / "config.toml").write_text("epochs = 2\n")
     (run / "metrics.jsonl").write_text("")
-    assert train.prepare_run_dir(run) == (run, [])
-    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
     with pytest.raises(UserError, match="run dir already holds files"):
         train.prepare_run_dir(run)
+    (tmp_path / "runs" / "b").mkdir()  # another run, started meanwhile
+    train.discard_start(run, created)
+    assert not run.exists() and (tmp_path / "runs" / "b").is_dir()
 
 
 def test_disk_too_full_for_checkpoints_stops_before_training(small_world, tmp_path, cli_error, monkeypatch):

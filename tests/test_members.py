@@ -174,7 +174,7 @@ sys.path.insert(0, {tests!r})
 from toy import toy_train
 from scp_jax.config import load_config
 from scp_jax.engine.devices import initialize_distributed, to_host
-from scp_jax.engine.trainer import kfold_assignment, member_specs, train_ensemble
+from scp_jax.engine.trainer import train_ensemble
 initialize_distributed(False)  # joins when SCP_JAX_DISTRIBUTED=1
 assert jax.device_count() == {devices}
 config = load_config(None, {config!r})

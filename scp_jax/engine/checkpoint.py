@@ -155,16 +155,21 @@ def restore_arrays(manager, step, item, targets):
     return dict(manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(targets)}))[item])
 
 
+READ_ERRORS = (ValueError, OSError, KeyError, TypeError, RuntimeError)  # what a damaged step raises in Orbax
+
+
 @contextlib.contextmanager
 def corruption_guard(path, step):
     """Orbax/TensorStore failures as one line naming the step and (in TensorStore's words) the file,
     relative to the step dir. Orbax wraps TensorStore's read errors in a plain Exception whose own
-    text is a repr of the TensorStore spec: the cause says which file failed."""
+    text is a repr of the TensorStore spec: the cause says which file failed. Other errors (a
+    MemoryError, a bug of ours) pass through: calling them corruption would send the user to delete
+    a good step."""
     try:
         yield
-    except UserError:
-        raise
     except Exception as err:
+        if isinstance(err, UserError) or not (isinstance(err, READ_ERRORS) or type(err) is Exception):
+            raise
         step_dir = path if path.name == str(step) else path.parent
         detail = first_line(err.__cause__ or err).replace(str(step_dir.absolute()) + "/", "")
         raise UserError(f"{path}: checkpoint step {step} is corrupted ({detail})") from None
