@@ -12,7 +12,7 @@ from conftest import CI_CONFIG
 from scp_jax.config import load_config
 from scp_jax.data.dataset import load_id_map, load_train
 from scp_jax.engine.cv import HELD_OUT_CELLS, make_folds
-from scp_jax.engine.trainer import train_ensemble
+from scp_jax.engine.trainer import slot_ranges, train_ensemble
 from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables, split_sides, target_decoder
 from scp_jax.features.targets import fold_svd
@@ -181,20 +181,31 @@ def test_b_myeloid_refuses_data_whose_only_b_myeloid_rows_are_controls(train):
         make_folds("b_myeloid", controls_only, 5, 0)
 
 
+def fitted_on_targets(config, train, folds):
+    """Per slot, everything fitted on targets: the members' input features, the SVD target decoder and
+    the per-gene clip range."""
+    masks = folds.train_masks()
+    decoder = target_decoder(config, train.targets, masks)
+    clip_range = np.stack(slot_ranges(train.targets, masks), axis=1)  # [slots, (low, high), genes]
+    return [(features, decoder.mean[slot], decoder.basis[slot], clip_range[slot])
+            for slot, features in enumerate(member_features(config, train, folds))]
+
+
 @pytest.mark.parametrize("scheme, svd", [("kfold", 0), ("b_myeloid", 4)])
 def test_validation_targets_never_reach_the_inputs_of_members_validating_them(train, scheme, svd):
-    config = load_config(None, ['features=["onehot", "target_encoding"]', f"target_encoding.svd={svd}"])
+    config = load_config(None, ['features=["onehot", "target_encoding"]', f"target_encoding.svd={svd}", "targets.svd=3"])
     folds = make_folds(scheme, train, 5, 0)
-    before = member_features(config, train, folds)
+    before = fitted_on_targets(config, train, folds)
     for row in np.flatnonzero(folds.fold_of_row >= 0)[:2]:
         targets = train.targets.copy()
         targets[row] += 5.0
-        after = member_features(config, dataclasses.replace(train, targets=targets), folds)
+        after = fitted_on_targets(config, dataclasses.replace(train, targets=targets), folds)
         for slot in range(folds.n_folds + 1):
-            if folds.fold_of_row[row] == slot:
-                np.testing.assert_array_equal(after[slot], before[slot])  # validates the row: blind to it
-            else:
-                assert not np.array_equal(after[slot], before[slot])  # trains on it: its encodings move
+            for a, b in zip(after[slot], before[slot]):
+                if folds.fold_of_row[row] == slot:
+                    np.testing.assert_array_equal(a, b)  # validates the row: blind to it
+                else:
+                    assert not np.array_equal(a, b)  # trains on it: what it fits moves
 
 
 def test_unknown_feature_set_lists_the_valid_ones(train):
