@@ -50,7 +50,7 @@ def export_run(run_dir, which="best", step=None):
     if step is None:
         step = kept[-1]
     elif step == "best":
-        step = best_step(directory)
+        step = best_step(directory, kept)
     elif step not in kept:
         raise UserError(f"{directory}: no complete checkpoint step {step} (kept: {', '.join(map(str, kept))})")
     named, tables, metadata = restore_items(directory, step)

@@ -81,10 +81,6 @@ class Predictor:
         config = tomllib.loads(manifest.get("config_toml", "")).get("aggregate", {})
         self.run_aggregate = config.get("method", "mean"), config.get("clip_to_train_range", False)
 
-    @classmethod
-    def load(cls, path):
-        return cls(*read_npz(path))
-
     def aggregation(self, aggregate=None, clip=None):
         """(method, clip) a prediction uses: the given ones, else the run's own `[aggregate]` settings,
         so a run's submission is reproduced."""

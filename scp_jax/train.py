@@ -150,22 +150,21 @@ class ChunkLog:
                 line.update({name: np.round(values[:, i].astype(float), 6).tolist() for name, values in metrics.items()})
                 f.write(json.dumps(line) + "\n")
         running = metrics["running"][:, -1]
-        last, loss = (values[running, -1] for values in (metrics["val_mrrmse"], metrics["train_loss"]))
-        last, loss = last[np.isfinite(last)], loss[np.isfinite(loss)]
-        val = "  no finite val MRRMSE"
-        if not running.any():
-            val = "  every member has stopped"
-        elif self.config.cv == "full":
-            val = "  no validation rows"
-        elif len(last):
-            val = f"  val MRRMSE best {last.min():.4f} mean {last.mean():.4f}"
-        print(
-            f"{self.label}epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}" + val +
-            (f"  train loss {loss.mean():.4f}" if len(loss) else "  no finite train loss" if running.any() else "") +
-            f"  {metrics['running'].sum() / seconds:8.1f} member-epochs/s" + (" (incl. compile)" if self.first else ""),
-            flush=True,
-        )
+        print(f"{self.label}epoch {epoch:4d}/{self.config.epochs}  running {running.sum()}/{n_members}"
+              + self.scores(metrics, running)
+              + f"  {metrics['running'].sum() / seconds:8.1f} member-epochs/s" + (" (incl. compile)" if self.first else ""),
+              flush=True)
         self.first = False
+
+    def scores(self, metrics, running):
+        """The running members' last validation and train scores, as far as they are finite."""
+        if not running.any():
+            return "  every member has stopped"
+        val, loss = (values[running, -1] for values in (metrics["val_mrrmse"], metrics["train_loss"]))
+        val, loss = val[np.isfinite(val)], loss[np.isfinite(loss)]
+        text = ("  no validation rows" if self.config.cv == "full"
+                else f"  val MRRMSE best {val.min():.4f} mean {val.mean():.4f}" if len(val) else "  no finite val MRRMSE")
+        return text + (f"  train loss {loss.mean():.4f}" if len(loss) else "  no finite train loss")
 
 
 def member_rows(result):

@@ -106,15 +106,14 @@ def _control_flags(table, path):
 
 def _target_matrix(table, path, genes):
     targets = np.empty((table.num_rows, len(genes)), dtype=np.float32)
-    for j, gene in enumerate(genes):
-        column = table.column(gene)
-        if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
-            bad = next((i for i, v in enumerate(column.to_pylist()) if not _is_number(v)), 0)
-            value = column[bad].as_py()
-            raise UserError(
-                f"{path}: gene column '{gene}' is not numeric ({column.type}): {show(value)} at {_row_label(table, bad)}"
-            )
-        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, reported below
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, reported below
+        for j, gene in enumerate(genes):
+            column = table.column(gene)
+            if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+                bad = next((i for i, v in enumerate(column.to_pylist()) if not _is_number(v)), 0)
+                value = column[bad].as_py()
+                raise UserError(f"{path}: gene column '{gene}' is not numeric ({column.type}): {show(value)}"
+                                f" at {_row_label(table, bad)}")
             targets[:, j] = column.to_numpy()  # nulls become NaN and are caught below
     finite = np.isfinite(targets)
     if not finite.all():

@@ -102,10 +102,10 @@ def latest_step(directory):
     return kept_steps(directory)[-1]
 
 
-def best_step(directory):
-    """The kept step whose last-epoch parameters scored best (the one the keep policy preserves); ties go
-    to the later step."""
-    steps, manager = kept_steps(directory), open_manager(directory)
+def best_step(directory, steps):
+    """Of the kept `steps` (kept_steps), the one whose last-epoch parameters scored best (the one the keep
+    policy preserves); ties go to the later step."""
+    manager = open_manager(directory)
     try:
         scores = {}
         for step in steps:
