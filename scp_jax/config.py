@@ -312,6 +312,21 @@ def _toml_value(value):
     return repr(value)
 
 
+# Keys a resumed run may change: they name where things are or how many checkpoints to keep, never
+# what is computed (the checkpoint's genes, vocabularies and members are checked separately).
+RESUMABLE_KEYS = ("data.train", "data.id_map", "distributed", "checkpoint_keep")
+
+
+def changed_keys(old_toml, new_toml):
+    """{dotted key: (old, new)} for the values that differ between two resolved configs (`to_toml` text)."""
+    def flat(values, prefix=""):
+        for key, value in values.items():
+            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
+
+    old, new = (dict(flat(tomllib.loads(text))) for text in (old_toml, new_toml))
+    return {key: (old.get(key), new.get(key)) for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+
+
 def to_toml(config):
     """The resolved config as TOML text, loadable by `load_config`."""
     scalars, tables = [], []

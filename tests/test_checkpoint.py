@@ -238,6 +238,31 @@ def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys, cl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz", "repeated.csv", "text.npz", "unknown.csv"]
 
 
+def test_resume_refuses_an_edited_config(runs, tmp_path, capsys, cli_error):
+    """A config.toml edited after its checkpoints is refused, naming what changed, before any training; moved
+    data and more kept checkpoints are no change to what is computed and resume to the same submission."""
+    from scp_jax.train import main as train_main
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["straight"], run)
+    written = (run / "config.toml").read_text()
+    edited = written.replace("epochs = 6", "epochs = 8").replace("learning_rate = 0.001", "learning_rate = 0.01")
+    assert edited.count("= 8") == 1 and "learning_rate = 0.01" in edited
+    (run / "config.toml").write_text(edited)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    cli_error(train_main, ["--resume", run], "run/config.toml: epochs, optim.learning_rate changed since checkpoint step 6"
+              " (epochs: 6 then, 8 now); a resumed run continues with the config it started with")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    moved = shutil.copytree(runs["world"], tmp_path / "moved")
+    old_path = str(runs["world"] / "de_train.parquet")
+    assert old_path in written and "checkpoint_keep = 2" in written
+    (run / "config.toml").write_text(written.replace(old_path, str(moved / "de_train.parquet"))
+                                     .replace("checkpoint_keep = 2", "checkpoint_keep = 3"))
+    (run / "submission.csv").unlink()
+    train_main(["--resume", str(run)])
+    assert (run / "submission.csv").read_bytes() == (runs["straight"] / "submission.csv").read_bytes()
+
+
 def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
     """Stage 1 is not checkpointed: a resumed two-stage run recomputes its labels, then continues stage 2."""
     data = ["--data", runs["world"] / "de_train.parquet"]

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from scp_jax.config import to_toml
+from scp_jax.config import RESUMABLE_KEYS, changed_keys, to_toml
 from scp_jax.errors import UserError
 
 STATE, TABLES, METADATA = "state", "tables", "metadata"
@@ -219,6 +219,24 @@ class Checkpointer:
     def __init__(self, directory, config, train, resume=False):
         self.directory, self.config, self.train, self.resume = Path(directory), config, train, resume
         self.manager = open_manager(self.directory, config)
+        if resume:
+            try:
+                self.check_config(latest_step(self.directory))
+            except BaseException:
+                self.manager.close()
+                raise
+
+    def check_config(self, step):
+        """Refuse to resume with a config.toml edited since `step` (before any data is fitted or compiled):
+        the run would continue as neither the old nor the new config."""
+        with corruption_guard(self.directory / str(step) / METADATA, step):
+            saved = restore_metadata(self.manager, step)["config_toml"]
+        changes = {k: v for k, v in changed_keys(saved, to_toml(self.config)).items() if k not in RESUMABLE_KEYS}
+        if changes:
+            key = min(changes)
+            raise UserError(f"{self.directory.parent / 'config.toml'}: {', '.join(sorted(changes))} changed since checkpoint"
+                            f" step {step} ({key}: {changes[key][0]!r} then, {changes[key][1]!r} now); a resumed run"
+                            " continues with the config it started with: set it back, or start a new run")
 
     def restore(self, state, members, tables, decoder=None):
         """(state, epoch) to start from: the latest complete step when resuming, else (state, 0)."""
