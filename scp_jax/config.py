@@ -153,6 +153,8 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
+        if not 0 <= self.seed < 2**31:  # it enters the compiled program as an int32
+            raise UserError(f"config: seed must be in [0, 2**31), got {self.seed}")
         if self.data.synth_seed < 0:
             raise UserError(f"config: data.synth_seed must be >= 0, got {self.data.synth_seed}")
         if self.folds < 2:

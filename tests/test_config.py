@@ -26,6 +26,8 @@ def test_overrides_and_round_trip(tmp_path):
         ("ensemble=true", "ensemble must be int"),
         ("keep='first'", "keep must be 'best' or 'last'"),
         ("data.synth_genes=-5", "data.synth_genes must be >= 1"),
+        ("seed=-1", r"seed must be in \[0, 2\*\*31\), got -1"),
+        ("seed=2147483648", r"seed must be in \[0, 2\*\*31\)"),
     ],
 )
 def test_bad_config_is_one_line_user_error(override, message):

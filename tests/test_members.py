@@ -35,16 +35,22 @@ def test_sweep_is_the_product_of_members_and_values():
     assert list(table.fold[:3]) == [0, 1, 2] and list(table.seed[:3]) == [0, 0, 0]
 
 
-def test_a_members_seed_and_fold_both_reach_its_keys():
+def test_a_members_seed_and_fold_and_the_runs_seed_reach_its_keys():
     """Members 0..5: fold i % 3, seed i // 3. Initial parameters differ between members that share a
-    fold (0 and 3) and between members that share a seed (0 and 1): both reach the member's key."""
-    config = load_config(None, BASE + ["ensemble=6"])
-    members = MemberTable.from_config(config)
-    specs = member_specs(config, members, kfold_assignment(30, 3, 0))[0]
-    params = compiled_ensemble(config, (1, 1, 0, 0), 4).init(jax.tree.map(jnp.asarray, specs)).params
-    flat = np.concatenate([np.asarray(leaf).reshape(6, -1) for leaf in jax.tree.leaves(params)], axis=1)
+    fold (0 and 3), between members that share a seed (0 and 1), and between runs of another seed
+    (config.seed), which is an input of the same compiled program, not a recompile."""
+    def initial_params(seed):
+        config = load_config(None, BASE + ["ensemble=6", f"seed={seed}"])
+        specs = member_specs(config, MemberTable.from_config(config), kfold_assignment(30, 3, 0))[0]
+        ensemble = compiled_ensemble(config, (1, 1, 0, 0), 4)
+        params = ensemble.init(jax.tree.map(jnp.asarray, specs)).params
+        return ensemble, np.concatenate([np.asarray(leaf).reshape(6, -1) for leaf in jax.tree.leaves(params)], axis=1)
+
+    members = MemberTable.from_config(load_config(None, BASE + ["ensemble=6"]))
     assert list(members.fold[[0, 3, 1]]) == [0, 0, 1] and list(members.seed[[0, 3, 1]]) == [0, 1, 0]
+    (ensemble, flat), (other_ensemble, other_seed) = initial_params(0), initial_params(1)
     assert not np.allclose(flat[0], flat[3]) and not np.allclose(flat[0], flat[1])
+    assert other_ensemble is ensemble and not np.allclose(flat, other_seed)
 
 
 def test_sweep_member_equals_that_member_alone_with_its_hyperparameters():

@@ -3,7 +3,7 @@
 Every member is a pure pytree (parameters, optimizer state, best parameters, flags). One member's
 epoch is written once, for a single member, then `jax.vmap` lays it over the member axis and
 `jax.lax.scan` runs a chunk of epochs inside one `jax.jit`, so the host only sees chunk ends.
-Member i's randomness is `fold_in(root, seed_i, fold_i)` further folded with the epoch and step:
+Member i's randomness is `fold_in(key(config.seed), seed_i, fold_i)` further folded with the epoch and step:
 it depends on who the member is, not on how many members train beside it, so a member trains the
 same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state and spec,
 so a sweep is one program too.
@@ -69,6 +69,7 @@ class Data:
 class MemberSpec:
     """What makes a member itself: its key, its rows, its hyperparameters."""
 
+    run_seed: jnp.ndarray  # int: config.seed, the root of the member's key (an input: seeds share a program)
     seed: jnp.ndarray  # int
     fold: jnp.ndarray  # int; also the slot of the per-fold tables and target SVD the member uses
     train_mask: jnp.ndarray  # [n + pseudo rows] bool
@@ -103,12 +104,12 @@ def _fold_in(key, *data):
     return key
 
 
-# Settings that reach the program only as inputs (schedule, member table, hyperparameter values,
+# Settings that reach the program only as inputs (the run's seed, schedule, member table, hyperparameter values,
 # paths, the CV scheme, which feature sets fill the tables: their widths are the `layout` key,
 # pseudo labels: extra rows and weights; the aggregation method is a static argument of its own
 # program): runs that differ only in these share one Ensemble and its compiled programs.
 # `targets` (SVD outputs, loss space), `model` and `loss` shape the program and stay in the key.
-_NOT_IN_PROGRAM = ("epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
+_NOT_IN_PROGRAM = ("seed", "epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
                    "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding",
                    "pseudo_labels", "aggregate")
 
@@ -133,7 +134,6 @@ class Ensemble:
         """`options` (MemberTable.program_options) names the random masks and optimizers some member
         uses: only those are built, since they cost time and compile time."""
         self.config = config
-        self.root_key = jax.random.key(config.seed)
         self.n_genes = n_genes
         self.options = options
         self.loss = mixed_loss(config.loss)
@@ -149,8 +149,8 @@ class Ensemble:
         )
 
     def member_key(self, spec, *streams):
-        """The member's own key (from its seed and fold), folded with a stream, epoch, step..."""
-        return _fold_in(self.root_key, spec.seed, spec.fold, *streams)
+        """The member's own key (from the run's seed, its seed and fold), folded with a stream, epoch, step..."""
+        return _fold_in(jax.random.key(spec.run_seed), spec.seed, spec.fold, *streams)
 
     def _init_member(self, spec):
         params = nnx.state(self._make(self.member_key(spec, _INIT)), nnx.Param)

@@ -107,8 +107,8 @@ def member_specs(config, members, fold_of_row, n_pseudo=0):
     train_masks = np.concatenate([~val_masks, np.ones((len(members), n_pseudo), bool)], axis=1)
     member_steps = np.ceil(train_masks.sum(axis=1) / config.batch_size)
     hparams = dict(members.hparams, total_steps=(member_steps * config.epochs).astype(np.float32))
-    spec = MemberSpec(seed=members.seed, fold=members.fold, train_mask=train_masks, val_rows=val_rows,
-                      val_weight=val_weight, hparams=hparams)
+    spec = MemberSpec(run_seed=np.full(len(members), config.seed, np.int32), seed=members.seed, fold=members.fold,
+                      train_mask=train_masks, val_rows=val_rows, val_weight=val_weight, hparams=hparams)
     return spec, val_masks, max(int(member_steps.max()), 1)
 
 
