@@ -204,7 +204,7 @@ def main(argv=None):
     from scp_jax.engine.devices import broadcast_text, initialize_distributed
 
     initialize_distributed(config.distributed)
-    from scp_jax.data.dataset import load_id_map, load_train, write_submission
+    from scp_jax.data.dataset import load_id_map, load_train, write_oof, write_submission
     from scp_jax.engine.checkpoint import Checkpointer
     from scp_jax.engine.cv import make_folds
     from scp_jax.engine.members import MemberTable
@@ -258,6 +258,8 @@ def main(argv=None):
             kept = (f"kept epoch {row['best_epoch']}" if row["best_epoch"] >= 0
                     else "it has no finite epoch and is left out of the ensemble")
             print(f"member {row['member']} diverged (NaN/Inf) at epoch {row['stopped_epoch']}; {kept}")
+    if result.ensemble_cv is not None:
+        write_oof(run_dir / "oof.parquet", train, result.oof_predictions)
     if queries is not None:
         write_submission(run_dir / "submission.csv", queries.ids, train.genes, result.test_predictions)
     write_report(run_dir)

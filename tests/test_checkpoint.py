@@ -19,8 +19,10 @@ import pandas as pd
 import pytest
 
 from conftest import CI_CONFIG, ROOT
+from scp_jax.data.dataset import load_train
 from scp_jax.data.synth import make_world
 from scp_jax.engine.checkpoint import STALL_ENV, latest_step, restore_items
+from scp_jax.engine.cv import make_folds
 
 RUN = ["--config", CI_CONFIG, "--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
        "--set", "model.hidden=[16]", "--set", "model.activation='gelu'", "--set", "targets.transform='t_statistic'"]
@@ -73,7 +75,7 @@ def runs(tmp_path_factory):
 
 def test_resume_after_sigkill_is_bit_identical(runs):
     straight, resumed = runs["straight"], runs["resumed"]
-    for name in ("submission.csv", "metrics.jsonl", "cv.json"):
+    for name in ("submission.csv", "oof.parquet", "metrics.jsonl", "cv.json"):
         assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
     a, _, meta_a = restore_items(straight / "checkpoints", 6)
     b, _, meta_b = restore_items(resumed / "checkpoints", 6)
@@ -81,6 +83,21 @@ def test_resume_after_sigkill_is_bit_identical(runs):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert any(k.startswith("opt_state.") and k.endswith("mu.head.kernel") for k in a) and "best_params.head.kernel" in a
+
+
+def test_oof_parquet_holds_the_rows_the_cv_scores(runs):
+    """oof.parquet: every validated row once, keyed like the training parquet; the CV in cv.json is its
+    MRRMSE against the targets (float64)."""
+    truth = pd.read_parquet(runs["world"] / "de_train.parquet")
+    oof = pd.read_parquet(runs["straight"] / "oof.parquet")
+    genes = list(oof.columns[2:])
+    assert list(oof.columns[:2]) == ["cell_type", "sm_name"] and genes == list(truth.columns[5:])
+    folds = make_folds("kfold", load_train(runs["world"] / "de_train.parquet"), 5, 0)
+    assert len(oof) == np.isin(folds.fold_of_row, range(4)).sum() == 492  # 4 members validate 4 of the 5 folds
+    truth = oof[["cell_type", "sm_name"]].merge(truth, on=["cell_type", "sm_name"], validate="one_to_one")
+    errors = (oof[genes].to_numpy(np.float64) - truth[genes].to_numpy(np.float64)) ** 2
+    cv = json.loads((runs["straight"] / "cv.json").read_text())["ensemble_cv_mrrmse"]
+    assert cv == pytest.approx(np.sqrt(errors.mean(axis=1)).mean(), rel=1e-6)
 
 
 def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_error):

@@ -208,6 +208,29 @@ def test_validation_targets_never_reach_the_inputs_of_members_validating_them(tr
                     assert not np.array_equal(a, b)  # trains on it: what it fits moves
 
 
+def test_out_of_fold_predictions_are_clipped_to_their_folds_training_range(train):
+    """Gene 0 is 5 in every row but one validation row, where it is -100: the rows of that row's fold
+    must come out at exactly 5 (their members never saw -100), whatever the model predicts; every
+    row is clipped to its own fold's range (numpy), and the CV scores the clipped predictions."""
+    row = 7
+    targets = train.targets.copy()
+    targets[:, 0], targets[row, 0] = 5.0, -100.0
+    train = dataclasses.replace(train, targets=targets)
+    overrides = ENGINE + ["ensemble=5", "folds=5"]
+    free = train_ensemble(load_config(None, overrides), train).oof_predictions
+    result = train_ensemble(load_config(None, overrides + ["aggregate.clip_to_train_range=true"]), train)
+    fold_of_row = result.folds.fold_of_row
+    same_fold = fold_of_row == fold_of_row[row]
+    assert same_fold.sum() > 1 and (free[same_fold, 0] != 5.0).any()  # so an all-rows range would fail below
+    np.testing.assert_array_equal(result.oof_predictions[same_fold, 0], 5.0)
+    trains_row = fold_of_row[:, None] != fold_of_row[None, :]  # [row, training row]: rows of other folds
+    low = np.stack([targets[mask].min(axis=0) for mask in trains_row])
+    high = np.stack([targets[mask].max(axis=0) for mask in trains_row])
+    np.testing.assert_array_equal(result.oof_predictions, np.clip(free, low, high))
+    errors = (result.oof_predictions.astype(np.float64) - targets) ** 2
+    assert result.ensemble_cv == pytest.approx(np.sqrt(errors.mean(axis=1)).mean(), rel=1e-6)
+
+
 def test_unknown_feature_set_lists_the_valid_ones(train):
     config = load_config(None, ['features=["onehot", "fingerprints"]'])
     with pytest.raises(UserError, match="unknown feature set 'fingerprints'; valid: 'onehot', 'morgan"):
@@ -314,4 +337,5 @@ def test_cli_full_scheme_keeps_the_last_epoch_and_writes_null_cv(small_world, tm
     assert [row["seed"] for row in report["members"]] == [0, 1]
     assert np.isfinite(pd.read_csv(tmp_path / "run" / "submission.csv").iloc[:, 1:].to_numpy()).all()
     assert (tmp_path / "run" / "members.csv").read_text().splitlines()[0].startswith("member,scheme,seed,fold")
+    assert not (tmp_path / "run" / "oof.parquet").exists()  # nothing is out of fold
     assert "no validation rows" in capsys.readouterr().out

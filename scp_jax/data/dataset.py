@@ -1,4 +1,5 @@
-"""Load and validate the competition files (de_train.parquet, id_map.csv) and write submissions.
+"""Load and validate the competition files (de_train.parquet, id_map.csv); write submissions and
+out-of-fold predictions.
 
 Every problem with a user's file is a UserError whose one-line message names the file, the column
 and the row, so a bad input is fixed from the message alone rather than from a traceback.
@@ -267,3 +268,14 @@ def write_submission(path, ids, genes, predictions):
     table = pa.Table.from_arrays(columns, names=["id", *genes])
     with atomic_path(path) as tmp:
         pa_csv.write_csv(table, tmp)
+
+
+def write_oof(path, train, predictions):
+    """The out-of-fold predictions of the validated rows (those without NaN), laid out like the training
+    parquet (`cell_type`, `sm_name`, genes), atomically: what a stacking model trains on."""
+    rows = np.flatnonzero(np.isfinite(predictions).all(axis=1))
+    columns = [pa.array(train.cell_type[rows]), pa.array(train.sm_name[rows])]
+    columns += [pa.array(predictions[rows, j].astype(np.float32)) for j in range(len(train.genes))]
+    table = pa.Table.from_arrays(columns, names=["cell_type", "sm_name", *train.genes])
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

@@ -36,15 +36,19 @@ def padded_rows(masks):
 
 @dataclasses.dataclass
 class TrainResult:
+    """Predictions are the voting members' best parameters combined by `aggregate.method`, clipped to the
+    training range of the rows that trained them when `aggregate.clip_to_train_range`."""
+
     members: MemberTable
     folds: object  # scp_jax.engine.cv.Folds: the scheme, each row's fold, the fold count
     member_cv: np.ndarray  # [members] best validation MRRMSE (NaN without validation rows, cv = "full")
     best_epoch: np.ndarray  # [members]
     stopped_epoch: np.ndarray  # [members] epoch a member stopped at (early stop or divergence), -1 if never
     diverged: np.ndarray  # [members] bool
-    ensemble_cv: float | None  # out-of-fold mean of members, over rows some member validates; None if none
+    ensemble_cv: float | None  # MRRMSE of oof_predictions over the rows some member validates; None if none
     baseline_cv: dict | None  # same rows, baselines fitted per fold; None if no row is validated
-    test_predictions: np.ndarray | None  # [queries, genes] mean over members
+    oof_predictions: np.ndarray  # [n, genes] out-of-fold: each row by the members validating it; NaN if none
+    test_predictions: np.ndarray | None  # [queries, genes] by all members
     state: object  # final MemberState (stacked over members, padding included), for checkpoints and export
     pseudo_targets: np.ndarray | None = None  # [slots, queries, genes] the queries' labels from each slot's stage-1 members
 
@@ -272,6 +276,7 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
         diverged=summary["diverged"],
         ensemble_cv=mrrmse(train.targets[validated], oof[validated]) if validated.any() else None,
         baseline_cv=baseline_cv(train, fold_of_row, np.unique(members.fold[votes[:n]])),
+        oof_predictions=oof,
         test_predictions=test_predictions,
         state=state,
         pseudo_targets=slot_predictions,
