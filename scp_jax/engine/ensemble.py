@@ -3,9 +3,9 @@
 Every member is a pure pytree (parameters, optimizer state, best parameters, flags). One member's
 epoch is written once, for a single member, then `jax.vmap` lays it over the member axis and
 `jax.lax.scan` runs a chunk of epochs inside one `jax.jit`, so the host only sees chunk ends.
-Member i's randomness is `fold_in(key(config.seed), seed_i, fold_i)` further folded with the epoch and step:
-it depends on who the member is, not on how many members train beside it, so a member trains the
-same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state and spec,
+Member i's randomness is `fold_in(key(config.seed), seed_i, fold_i)` further folded with the epoch
+and step: it depends on who the member is, not on how many members train beside it, so a member
+trains the same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state and spec,
 so a sweep is one program too.
 
 A member's `fold` is also its slot in the per-fold feature tables and target SVD (fitted on that
@@ -104,10 +104,10 @@ def _fold_in(key, *data):
     return key
 
 
-# Settings that reach the program only as inputs (the run's seed, schedule, member table, hyperparameter values,
-# paths, the CV scheme, which feature sets fill the tables: their widths are the `layout` key,
-# pseudo labels: extra rows and weights; the aggregation method is a static argument of its own
-# program): runs that differ only in these share one Ensemble and its compiled programs.
+# Settings that reach the program only as inputs (the run's seed, schedule, member table,
+# hyperparameter values, paths, the CV scheme, which feature sets fill the tables: their widths are
+# the `layout` key, pseudo labels: extra rows and weights; the aggregation method is a static
+# argument of its own program): runs that differ only in these share one Ensemble and its programs.
 # `targets` (SVD outputs, loss space), `model` and `loss` shape the program and stay in the key.
 _NOT_IN_PROGRAM = ("seed", "epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
                    "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding",
