@@ -19,9 +19,10 @@ import pandas as pd
 import pytest
 
 from conftest import CI_CONFIG, ROOT
+from scp_jax.config import load_config
 from scp_jax.data.dataset import load_train
 from scp_jax.data.synth import make_world
-from scp_jax.engine.checkpoint import STALL_ENV, latest_step, restore_items
+from scp_jax.engine.checkpoint import STALL_ENV, kept_steps, latest_step, open_manager, restore_items, write_step
 from scp_jax.engine.cv import make_folds
 
 RUN = ["--config", CI_CONFIG, "--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
@@ -194,6 +195,23 @@ def test_checkpoint_restores_on_another_device_count(runs, tmp_path):
     for name, value in back.items():
         assert value.sharding == one
         np.testing.assert_array_equal(np.asarray(value), host[name], err_msg=name)
+
+
+def test_a_resumed_run_keeps_only_the_latest_and_the_best_steps(tmp_path):
+    """Scores survive a restart: a later process (a resumed run) ranks the steps an earlier one wrote,
+    so they are not all kept as unscored."""
+    config = load_config(None, ["checkpoint_keep=1"])
+
+    def write(scores):
+        manager = open_manager(tmp_path, config)
+        for step, score in scores.items():
+            write_step(manager, step, {"w": np.full(3, step, np.float32)}, {"t": np.ones(2, np.float32)}, {}, score)
+        manager.close()
+
+    write({1: 0.5, 2: 0.9, 3: 0.8})
+    assert kept_steps(tmp_path) == [1, 3]  # the best and the latest
+    write({4: 0.7, 5: 0.6})
+    assert kept_steps(tmp_path) == [1, 5]
 
 
 def copy_checkpoints(runs, tmp_path):

@@ -76,8 +76,11 @@ def open_manager(directory, config=None):
             policies.LatestN(n=config.checkpoint_keep),
             policies.BestN(get_metric_fn=lambda metrics: metrics[SCORE], reverse=True, n=1),
         ])
+    # best_fn makes Orbax write each step's metrics and read them back in a later process: without
+    # them a resumed run's BestN saw every earlier step as unscored and kept it forever.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=keep, create=config is not None, cleanup_tmp_directories=config is not None
+        preservation_policy=keep, best_fn=lambda metrics: metrics[SCORE], best_mode="min",
+        create=config is not None, cleanup_tmp_directories=config is not None
     )
     handlers = {STATE: ocp.StandardCheckpointHandler(), TABLES: ocp.StandardCheckpointHandler(),
                 METADATA: ocp.JsonCheckpointHandler()}
