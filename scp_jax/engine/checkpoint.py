@@ -237,9 +237,10 @@ class Checkpointer:
         changes = {k: v for k, v in changed_keys(saved, to_toml(self.config)).items() if k not in RESUMABLE_KEYS}
         if changes:
             key = min(changes)
+            then, now = ("unset" if value is None else repr(value) for value in changes[key])  # a key of another version
             raise UserError(f"{self.directory.parent / 'config.toml'}: {', '.join(sorted(changes))} changed since checkpoint"
-                            f" step {step} ({key}: {changes[key][0]!r} then, {changes[key][1]!r} now); a resumed run"
-                            " continues with the config it started with: set it back, or start a new run")
+                            f" step {step} ({key}: {then} then, {now} now); a resumed run continues with the config it"
+                            " started with: set it back, or start a new run")
 
     def restore(self, state, members, tables, decoder=None):
         """(state, epoch) to start from: the latest complete step when resuming, else (state, 0)."""
