@@ -7,7 +7,7 @@ The npz holds the parameters stacked over members under their model's names (an 
 `params.layers.<i>.kernel`, ..., `params.head.bias`; a factorized model's `params.cell.*`,
 `params.compound.*`, `params.loadings.kernel`, `params.offset`, `params.log_cap`, with row sizes
 `params.cell_log_scale` and `params.pair_log_scale`),
-each member's best validation score and epoch (`members.best_score`, `members.best_epoch`),
+each member's best validation score and epoch (`members.best_score`; `members.best_epoch`, from 0, -1: none),
 the feature tables (`features.cell`, `features.compound`, per fold slot `features.fold_cell`,
 `features.fold_compound`), the SVD target decoder per fold slot (`decoder.mean`, `decoder.basis`)
 when the run predicts components, each gene's training range

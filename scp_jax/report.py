@@ -98,10 +98,9 @@ def draw(run_dir):
     curves, losses, spread = fig.subplots(1, 3)
 
     # 1. validation curves with the epoch each member kept: its best, or its last with keep = "last"
-    # (cv.json counts epochs from 0, metrics.jsonl from 1)
     for i, member in enumerate(members):
         curves.plot(epochs, val[i] if validated else loss[i], lw=0.8, alpha=0.5, color=colors[i])
-        at = np.flatnonzero(epochs == member.get("best_epoch", -1) + 1)
+        at = np.flatnonzero(epochs == member.get("best_epoch"))
         if validated and len(at) and np.isfinite(val[i, at[0]]):
             curves.plot(epochs[at[0]], val[i, at[0]], "o", ms=3, color=colors[i])
     if validated:

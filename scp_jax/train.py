@@ -168,13 +168,15 @@ class ChunkLog:
 
 
 def member_rows(result):
-    """The member table with each member's outcome: its score, best epoch and how it ended."""
+    """The member table with each member's outcome: its score, the epoch it kept and how it ended. Epochs
+    count from 1, as in metrics.jsonl; None: no kept epoch (diverged first) / never stopped."""
     rows = []
     for row, score, best, stopped, diverged in zip(result.members.rows(), result.member_cv, result.best_epoch,
                                                     result.stopped_epoch, result.diverged):
         status = "diverged" if diverged else "early_stopped" if stopped >= 0 else "completed"
-        rows.append(dict(row, cv_mrrmse=float(score) if np.isfinite(score) else None, best_epoch=int(best),
-                         status=status, stopped_epoch=int(stopped)))
+        rows.append(dict(row, cv_mrrmse=float(score) if np.isfinite(score) else None,
+                         best_epoch=int(best) + 1 if best >= 0 else None, status=status,
+                         stopped_epoch=int(stopped) + 1 if stopped >= 0 else None))
     return rows
 
 
@@ -191,7 +193,7 @@ def cv_report(result):
 
 def write_member_table(path, rows):
     columns = list(rows[0])
-    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
+    lines = [",".join(columns)] + [",".join("" if row[c] is None else str(row[c]) for c in columns) for row in rows]
     write_text(path, "\n".join(lines) + "\n")
 
 
@@ -255,7 +257,7 @@ def main(argv=None):
     write_member_table(run_dir / "members.csv", report["members"])
     for row in report["members"]:
         if row["status"] == "diverged":
-            kept = (f"kept epoch {row['best_epoch']}" if row["best_epoch"] >= 0
+            kept = (f"kept epoch {row['best_epoch']}" if row["best_epoch"]
                     else "it has no finite epoch and is left out of the ensemble")
             print(f"member {row['member']} diverged (NaN/Inf) at epoch {row['stopped_epoch']}; {kept}")
     if result.ensemble_cv is not None:

@@ -332,10 +332,12 @@ def test_cli_full_scheme_keeps_the_last_epoch_and_writes_null_cv(small_world, tm
     assert report["scheme"] == "full" and report["folds"] == 0
     assert report["ensemble_cv_mrrmse"] is None and report["baselines_cv_mrrmse"] is None
     for row in report["members"]:
-        assert row["cv_mrrmse"] is None and row["best_epoch"] == 1 and row["status"] == "completed"
-        assert row["scheme"] == "full" and row["fold"] == 0
+        assert row["cv_mrrmse"] is None and row["best_epoch"] == 2 and row["status"] == "completed"  # the last, from 1
+        assert row["stopped_epoch"] is None and row["scheme"] == "full" and row["fold"] == 0
     assert [row["seed"] for row in report["members"]] == [0, 1]
     assert np.isfinite(pd.read_csv(tmp_path / "run" / "submission.csv").iloc[:, 1:].to_numpy()).all()
-    assert (tmp_path / "run" / "members.csv").read_text().splitlines()[0].startswith("member,scheme,seed,fold")
+    table = pd.read_csv(tmp_path / "run" / "members.csv")
+    assert list(table.columns[:4]) == ["member", "scheme", "seed", "fold"]
+    assert list(table.best_epoch) == [2, 2] and table.stopped_epoch.isna().all() and table.cv_mrrmse.isna().all()
     assert not (tmp_path / "run" / "oof.parquet").exists()  # nothing is out of fold
     assert "no validation rows" in capsys.readouterr().out

@@ -23,7 +23,7 @@ def make_run(run_dir, val, running, ensemble=1.17, baselines=BASELINES, statuses
         scores = [v if running[m][e] and not math.isnan(v) else math.inf for e, v in enumerate(val[m])]
         best = min(range(epochs), key=scores.__getitem__)
         rows.append({"member": m, "seed": m, "fold": m % 2, "cv_mrrmse": None if math.isinf(scores[best]) else scores[best],
-                     "best_epoch": best if not math.isinf(scores[best]) else epochs - 1,
+                     "best_epoch": best + 1 if not math.isinf(scores[best]) else epochs,
                      "status": (statuses or ["completed"] * members)[m]})
     cv = {"scheme": scheme, "folds": 2 if scheme == "kfold" else 0, "ensemble_cv_mrrmse": ensemble,
           "baselines_cv_mrrmse": baselines, "members": rows}
