@@ -200,8 +200,9 @@ class Config:
             raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for key in ("learning_rate", "weight_decay", "clip_norm", "l2", "dropout", "input_mask", "warmup"):
             section = "optim" if hasattr(self.optim, key) else "model"
-            for value in (getattr(getattr(self, section), key), *getattr(self.sweep, key)):
-                _check_hyperparameter(key, value)
+            _check_hyperparameter(f"{section}.{key}", getattr(getattr(self, section), key))
+            for value in getattr(self.sweep, key):
+                _check_hyperparameter(f"sweep.{key}", value)
         if self.cv not in CV_SCHEMES:
             raise UserError(f"config: cv must be one of {', '.join(CV_SCHEMES)}, got {self.cv!r}")
         unknown = [s for s in self.target_encoding.stats if s not in TE_STATS]
@@ -227,13 +228,15 @@ class Config:
         return f"model.width ({model.width}) or model.depth ({model.depth})"
 
 
-def _check_hyperparameter(key, value):
+def _check_hyperparameter(name, value):
+    """`name`: the dotted key the value came from, so the message says which table to fix."""
+    key = name.rpartition(".")[2]
     if key in ("dropout", "input_mask", "warmup") and not 0 <= value < 1:
-        raise UserError(f"config: {key} must be in [0, 1), got {value}")
+        raise UserError(f"config: {name} must be in [0, 1), got {value}")
     if key in ("learning_rate", "clip_norm") and value <= 0:
-        raise UserError(f"config: {key} must be > 0, got {value}")
+        raise UserError(f"config: {name} must be > 0, got {value}")
     if key in ("weight_decay", "l2") and value < 0:
-        raise UserError(f"config: {key} must be >= 0, got {value}")
+        raise UserError(f"config: {name} must be >= 0, got {value}")
 
 
 def _coerce(key, value, kind):
