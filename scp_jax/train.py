@@ -43,6 +43,8 @@ def parse_args(argv):
 def resolve_config(args):
     """The run's config; data and feature file paths made absolute, so `--resume` works from any folder."""
     if args.resume:
+        if not (Path(args.resume) / "config.toml").is_file():
+            raise UserError(f"{args.resume}: not a run dir (no config.toml)")
         return load_config(Path(args.resume) / "config.toml")
     overrides = [f"{key}={json.dumps(str(value)) if isinstance(value, str) else value}"
                  for flag, key in FLAG_KEYS.items() if (value := getattr(args, flag)) is not None]

@@ -235,9 +235,12 @@ def test_corrupted_checkpoint_is_one_line_error(runs, tmp_path, cli_error, damag
     assert re.search(message, error), error
 
 
-def test_missing_checkpoint_is_one_line_error(tmp_path, cli_error):
+def test_missing_checkpoint_or_run_dir_is_one_line_error(tmp_path, cli_error):
     from scp_jax.export import main as export_main
+    from scp_jax.train import main as train_main
 
+    cli_error(export_main, [tmp_path, "--out", tmp_path / "m.npz"], f"{tmp_path}: not a run dir (no checkpoints/")
+    cli_error(train_main, ["--resume", tmp_path], f"{tmp_path}: not a run dir (no config.toml)")
     (tmp_path / "checkpoints").mkdir()
     cli_error(export_main, [tmp_path, "--out", tmp_path / "m.npz"], "no complete checkpoint")
 

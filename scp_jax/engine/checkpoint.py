@@ -90,6 +90,8 @@ def open_manager(directory, config=None):
 def kept_steps(directory):
     """The complete steps, oldest first; a UserError when there is none."""
     directory = Path(directory)
+    if not directory.is_dir() and not (directory.parent / "config.toml").is_file():
+        raise UserError(f"{directory.parent}: not a run dir (no checkpoints/ or config.toml)")
     steps = []
     if directory.is_dir():
         manager = open_manager(directory)
