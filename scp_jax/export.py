@@ -54,6 +54,9 @@ def export_run(run_dir, which="best", step=None):
     elif step not in kept:
         raise UserError(f"{directory}: no complete checkpoint step {step} (kept: {', '.join(map(str, kept))})")
     named, tables, metadata = restore_items(directory, step)
+    if not (named["best_epoch"] >= 0).any():
+        raise UserError(f"{directory / str(step)}: no member kept a best epoch (each diverged before a finite"
+                        " validation score): nothing to export")
     prefix = {"best": "best_params.", "last": "params."}[which]
     # float32 whatever the training precision (bf16_state stores bf16 parameters).
     arrays = {"params." + name[len(prefix):]: np.asarray(v).astype(np.float32) for name, v in named.items()

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from conftest import CI_CONFIG
-from scp_jax import train
+from scp_jax import export, train
 from scp_jax.errors import UserError
 
 TINY = ["--config", CI_CONFIG, "--ensemble", "2", "--epochs", "2", "--set", "model.hidden=[8]", "--set", "folds=2"]
@@ -105,6 +105,8 @@ def test_every_member_diverged_is_one_line_before_any_result(small_world, tmp_pa
                                    "--set", "optim.learning_rate=1e30", "--set", "optim.clip_norm=1e30"])
     assert "every member diverged (NaN/Inf) before a finite score" in error
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
+    cli_error(export.main, [run, "--out", tmp_path / "m.npz"], "no member kept a best epoch", "nothing to export")
+    assert not (tmp_path / "m.npz").exists()
 
 
 def test_missing_default_config_is_an_error(tmp_path, cli_error, monkeypatch):
