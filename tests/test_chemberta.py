@@ -181,6 +181,8 @@ def test_missing_weights_name_where_to_put_them(tmp_path):
 
     with pytest.raises(UserError, match="`hf download nobody/no-such-chemberta`"):
         chemberta.load_chemberta("nobody/no-such-chemberta")
+    with pytest.raises(UserError, match=f"no ChemBERTa model folder {tmp_path / 'gone'}: pass --model DIR"):
+        chemberta.load_chemberta(str(tmp_path / "gone"))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="the folder needs config.json, tokenizer files and model.safetensors"):
         chemberta.load_chemberta(tmp_path)

@@ -207,6 +207,8 @@ def offline_hint(model):
     if Path(model).is_dir():
         return (f"no ChemBERTa weights in {model}: the folder needs config.json, tokenizer files and "
                 f"{' or '.join(WEIGHT_FILES)}")
+    if Path(model).is_absolute() or str(model).startswith("."):  # a path, not a hub name
+        return f"no ChemBERTa model folder {model}: pass --model DIR holding config.json, tokenizer files and weights"
     return (
         f"no ChemBERTa weights for '{model}' offline: download it once with `hf download {model}` "
         "or pass --model DIR holding config.json, tokenizer files and model.safetensors"
