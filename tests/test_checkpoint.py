@@ -276,7 +276,7 @@ def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys, cl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz", "repeated.csv", "text.npz", "unknown.csv"]
 
 
-def test_resume_refuses_an_edited_config(runs, tmp_path, capsys, cli_error):
+def test_resume_refuses_an_edited_config(runs, tmp_path, cli_error):
     """A config.toml edited after its checkpoints is refused, naming what changed, before any training; moved
     data and more kept checkpoints are no change to what is computed and resume to the same submission."""
     from scp_jax.train import main as train_main
