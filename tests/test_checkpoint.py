@@ -308,10 +308,9 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
               "--set", "checkpoint_every=2", "--set", "epochs_per_chunk=2", "--set", "model.hidden=[16]",
               "--set", "targets.svd=4"]
     environ = env(runs["tmp"])
-    straight = cli("scp_jax.train", *data, "--out", tmp_path / "straight", *recipe, environ=environ)
+    finish(cli("scp_jax.train", *data, "--out", tmp_path / "straight", *recipe, environ=environ))  # fills the cache
     kill_when_stalled(cli("scp_jax.train", *data, "--out", tmp_path / "resumed", *recipe,
                           environ=env(runs["tmp"], **{STALL_ENV: "2"})), epoch=2)
-    finish(straight)
     assert latest_step(tmp_path / "resumed" / "checkpoints") == 2
     finish(cli("scp_jax.train", "--resume", tmp_path / "resumed", environ=environ))
     for name in ("submission.csv", "metrics.jsonl", "metrics-stage1.jsonl", "cv.json"):

@@ -17,7 +17,7 @@ from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.members import MemberTable
 from scp_jax.engine.trainer import kfold_assignment, member_specs, train_ensemble
 from scp_jax.precision import stochastic_round_bf16
-from toy import toy_queries, toy_train
+from toy import sharding_summary, toy_queries, toy_train
 
 BASE = ["model.hidden=[16]", "batch_size=8", "epochs=4", "epochs_per_chunk=2", "folds=3"]
 
@@ -175,20 +175,15 @@ def test_low_precision_modes_train(precision):
 
 SHARDED_SCRIPT = """
 import json, sys
-import jax, numpy as np
+import jax
 sys.path.insert(0, {tests!r})
-from toy import toy_train
+from toy import sharding_summary, toy_train
 from scp_jax.config import load_config
-from scp_jax.engine.devices import initialize_distributed, to_host
+from scp_jax.engine.devices import initialize_distributed
 from scp_jax.engine.trainer import train_ensemble
 initialize_distributed(False)  # joins when SCP_JAX_DISTRIBUTED=1
 assert jax.device_count() == {devices}
-config = load_config(None, {config!r})
-result = train_ensemble(config, toy_train())
-params = jax.tree.leaves(result.state.params)
-print(json.dumps({{"cv": result.member_cv.tolist(), "ensemble": result.ensemble_cv,
-                  "sharded": len(params[0].sharding.device_set),
-                  "kernel": to_host(params[0])[:6].ravel().tolist()}}))
+print(json.dumps(sharding_summary(train_ensemble(load_config(None, {config!r}), toy_train()))))
 """
 
 
@@ -223,7 +218,8 @@ def run_on_devices(devices, config, processes=1, coordinator=None):
 
 def test_sharded_over_8_devices_and_2_processes_equals_one_device(free_address):
     config = BASE + ["ensemble=6", "sweep.dropout=[0.1]"]  # 6 members pad to 8 on 8 devices
-    one, eight = run_on_devices(1, config), run_on_devices(8, config)
+    one = sharding_summary(train_ensemble(load_config(None, config), toy_train()))  # this process: one device
+    eight = run_on_devices(8, config)
     two_hosts = run_on_devices(4, config, processes=2, coordinator=free_address())
     assert eight["sharded"] == 8 and two_hosts["sharded"] == 4
     for sharded in (eight, two_hosts):

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 
 
@@ -26,3 +27,13 @@ def toy_train(n_rows=96, n_genes=24, n_cells=4, n_compounds=24, seed=0):
 
 def toy_queries(train, n=8):
     return SimpleNamespace(ids=np.arange(n), cell_index=train.cell_index[:n], compound_index=train.compound_index[:n])
+
+
+def sharding_summary(result):
+    """What the sharding test compares between device counts: member scores, the ensemble's CV, how many
+    devices hold the parameters and a few of the first parameter's values (host lists, JSON-ready)."""
+    from scp_jax.engine.devices import to_host
+
+    params = jax.tree.leaves(result.state.params)
+    return {"cv": result.member_cv.tolist(), "ensemble": result.ensemble_cv,
+            "sharded": len(params[0].sharding.device_set), "kernel": to_host(params[0])[:6].ravel().tolist()}
