@@ -5,6 +5,7 @@ typo never silently trains the wrong thing.
 """
 
 import dataclasses
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -174,9 +175,10 @@ class Config:
         if self.model.kind == "transformer" and self.model.width % self.model.heads:
             raise UserError(f"config: model.width ({self.model.width}) must be a multiple of model.heads ({self.model.heads})")
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
-            for value in (getattr(self.optim, key), *getattr(self.sweep, key)):
+            for name, value in ((f"optim.{key}", getattr(self.optim, key)),
+                                *((f"sweep.{key}", v) for v in getattr(self.sweep, key))):
                 if value not in choices:
-                    raise UserError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+                    raise UserError(f"config: {name} must be one of {', '.join(choices)}, got {value!r}")
         weights = {k: v for k, v in dataclasses.asdict(self.loss).items() if k != "huber_delta"}
         if min(weights.values()) < 0 or not sum(weights.values()) > 0:
             raise UserError(f"config: loss weights must be >= 0 with a positive sum, got {weights}")
@@ -249,6 +251,8 @@ def _coerce(key, value, kind):
         return tuple(_coerce(f"{key}[{i}]", v, item_kind) for i, v in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and math.isnan(value):
+        raise UserError(f"config: {key} must be a number, got nan")
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise UserError(f"config: {key} must be {kind.__name__}, got {value!r}")
     return value
@@ -318,18 +322,34 @@ def _toml_value(value):
 
 
 # Keys a resumed run may change: they name where things are or how many checkpoints to keep, never
-# what is computed (the checkpoint's genes, vocabularies and members are checked separately).
+# what is computed (the data's contents, genes, vocabularies and members are checked separately).
 RESUMABLE_KEYS = ("data.train", "data.id_map", "distributed", "checkpoint_keep")
 
 
-def changed_keys(old_toml, new_toml):
-    """{dotted key: (old, new)} for the values that differ between two resolved configs (`to_toml` text)."""
-    def flat(values, prefix=""):
-        for key, value in values.items():
-            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
+def changed_keys(old, new):
+    """{dotted key: (old, new) in TOML spelling} for the values that differ between two configs. A key
+    `old` was written without (a package version before it) counts at its default."""
+    def flat(config, prefix=""):
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            yield from flat(value, f"{prefix}{field.name}.") if dataclasses.is_dataclass(value) else [
+                (prefix + field.name, value)]
 
-    old, new = (dict(flat(tomllib.loads(text))) for text in (old_toml, new_toml))
-    return {key: (old.get(key), new.get(key)) for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+    old, new = dict(flat(old)), dict(flat(new))
+    return {key: (_toml_value(old[key]), _toml_value(new[key])) for key in old if old[key] != new[key]}
+
+
+def parse_config(text):
+    """A config from `to_toml` text (a checkpoint's), checked like a file."""
+    return _build(Config, tomllib.loads(text))
+
+
+def run_config_path(run_dir):
+    """RUN_DIR/config.toml; a UserError when RUN_DIR is no run dir."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run dir (no config.toml)")
+    return path
 
 
 def to_toml(config):

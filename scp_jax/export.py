@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from scp_jax.atomic import atomic_path
+from scp_jax.config import run_config_path
 from scp_jax.errors import UserError, cli_main
 from scp_jax.predictor import FORMAT, MANIFEST
 
@@ -45,6 +46,7 @@ def export_run(run_dir, which="best", step=None):
     kept one; `which` = best-epoch or last-epoch parameters."""
     from scp_jax.engine.checkpoint import best_step, kept_steps, restore_items
 
+    run_config_path(run_dir)  # a UserError for a folder that is no run dir
     directory = Path(run_dir) / "checkpoints"
     kept = kept_steps(directory)  # a UserError when there is none
     if step is None:

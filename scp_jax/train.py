@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from scp_jax.atomic import write_text
-from scp_jax.config import load_config, to_toml
+from scp_jax.config import load_config, run_config_path, to_toml
 from scp_jax.errors import UserError, cli_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
@@ -43,9 +43,7 @@ def parse_args(argv):
 def resolve_config(args):
     """The run's config; data and feature file paths made absolute, so `--resume` works from any folder."""
     if args.resume:
-        if not (Path(args.resume) / "config.toml").is_file():
-            raise UserError(f"{args.resume}: not a run dir (no config.toml)")
-        return load_config(Path(args.resume) / "config.toml")
+        return load_config(run_config_path(args.resume))
     overrides = [f"{key}={json.dumps(str(value)) if isinstance(value, str) else value}"
                  for flag, key in FLAG_KEYS.items() if (value := getattr(args, flag)) is not None]
     if args.config is None and not DEFAULT_CONFIG.is_file():
@@ -236,7 +234,7 @@ def main(argv=None):
     try:
         if writer and not args.resume:
             write_text(run_dir / "config.toml", to_toml(config))
-        checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume))
+        checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume), queries=queries)
         log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
         stage1_log = None
         if writer and config.pseudo_labels.enabled:

@@ -215,6 +215,7 @@ def test_a_resumed_run_keeps_only_the_latest_and_the_best_steps(tmp_path):
 
 
 def copy_checkpoints(runs, tmp_path):
+    shutil.copy(runs["straight"] / "config.toml", tmp_path)
     shutil.copytree(runs["straight"] / "checkpoints", tmp_path / "checkpoints")
     return tmp_path / "checkpoints"
 
@@ -239,8 +240,9 @@ def test_missing_checkpoint_or_run_dir_is_one_line_error(tmp_path, cli_error):
     from scp_jax.export import main as export_main
     from scp_jax.train import main as train_main
 
-    cli_error(export_main, [tmp_path, "--out", tmp_path / "m.npz"], f"{tmp_path}: not a run dir (no checkpoints/")
-    cli_error(train_main, ["--resume", tmp_path], f"{tmp_path}: not a run dir (no config.toml)")
+    for main, argv in ((export_main, [tmp_path, "--out", tmp_path / "m.npz"]), (train_main, ["--resume", tmp_path])):
+        cli_error(main, argv, f"{tmp_path}: not a run dir (no config.toml)")
+    shutil.copy(CI_CONFIG, tmp_path / "config.toml")
     (tmp_path / "checkpoints").mkdir()
     cli_error(export_main, [tmp_path, "--out", tmp_path / "m.npz"], "no complete checkpoint")
 
@@ -278,7 +280,8 @@ def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys, cl
 
 def test_resume_refuses_an_edited_config(runs, tmp_path, cli_error):
     """A config.toml edited after its checkpoints is refused, naming what changed, before any training; moved
-    data and more kept checkpoints are no change to what is computed and resume to the same submission."""
+    data and more kept checkpoints are no change to what is computed (the finished run resumes and predicts
+    the same submission); other contents under the data's path are refused."""
     from scp_jax.train import main as train_main
 
     run = tmp_path / "run"
@@ -299,10 +302,15 @@ def test_resume_refuses_an_edited_config(runs, tmp_path, cli_error):
     (run / "submission.csv").unlink()
     train_main(["--resume", str(run)])
     assert (run / "submission.csv").read_bytes() == (runs["straight"] / "submission.csv").read_bytes()
+    table = pd.read_parquet(moved / "de_train.parquet")
+    table[table.columns[5:]] *= 3  # the same file name, other contents
+    table.to_parquet(moved / "de_train.parquet")
+    cli_error(train_main, ["--resume", run], "6: checkpoint step 6 was trained on other data than data.train now holds")
 
 
-def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
-    """Stage 1 is not checkpointed: a resumed two-stage run recomputes its labels, then continues stage 2."""
+def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path, cli_error):
+    """Stage 1 is not checkpointed: a resumed two-stage run recomputes its labels, then continues stage 2. Its
+    stage 2 trains on the id map's rows: an id map with other rows is refused on resume."""
     data = ["--data", runs["world"] / "de_train.parquet"]
     recipe = ["--config", ROOT / "configs" / "third_place.toml", "--ensemble", "3", "--epochs", "4",
               "--set", "checkpoint_every=2", "--set", "epochs_per_chunk=2", "--set", "model.hidden=[16]",
@@ -315,6 +323,13 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path):
     finish(cli("scp_jax.train", "--resume", tmp_path / "resumed", environ=environ))
     for name in ("submission.csv", "metrics.jsonl", "metrics-stage1.jsonl", "cv.json"):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    from scp_jax.train import main as train_main
+
+    pd.read_csv(runs["world"] / "id_map.csv").iloc[:100].to_csv(tmp_path / "fewer.csv", index=False)
+    config = tmp_path / "straight" / "config.toml"
+    assert 'id_map = ""' in config.read_text()  # the one beside the data
+    config.write_text(config.read_text().replace('id_map = ""', f'id_map = "{tmp_path / "fewer.csv"}"'))
+    cli_error(train_main, ["--resume", tmp_path / "straight"], "trained on other data than data.train or data.id_map")
 
 
 def test_two_process_cli_run_killed_and_resumed_matches_one_process(runs, tmp_path, free_address):

@@ -1,8 +1,9 @@
+import dataclasses
 import re
 
 import pytest
 
-from scp_jax.config import load_config, to_toml
+from scp_jax.config import changed_keys, load_config, parse_config, to_toml
 from scp_jax.errors import UserError
 
 
@@ -29,6 +30,8 @@ def test_overrides_and_round_trip(tmp_path):
         ("optim.learning_rate=-1", r"optim.learning_rate must be > 0, got -1.0"),
         ("model.dropout=1.5", r"model.dropout must be in \[0, 1\), got 1.5"),
         ("sweep.weight_decay=[0.1, -1]", r"sweep.weight_decay must be >= 0, got -1"),
+        ("optim.learning_rate=nan", "optim.learning_rate must be a number, got nan"),
+        ("sweep.optimizer=['adamw', 'sgd']", "sweep.optimizer must be one of adamw, lion, got 'sgd'"),
         ("seed=-1", r"seed must be in \[0, 2\*\*31\), got -1"),
         ("seed=2147483648", r"seed must be in \[0, 2\*\*31\)"),
     ],
@@ -54,3 +57,12 @@ def test_train_stores_data_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = resolve_config(parse_args(["--data", "world/de_train.parquet", "--id-map", "ids.csv"]))
     assert (config.data.train, config.data.id_map) == (str(tmp_path / "world/de_train.parquet"), str(tmp_path / "ids.csv"))
+
+
+def test_changed_keys_in_toml_spelling_and_a_key_of_a_later_version_at_its_default():
+    """What resume compares: a checkpoint written before `lowrank_grads` existed has the same config."""
+    config = load_config(None, ["epochs=3"])
+    older = to_toml(config).replace("lowrank_grads = false\n", "")
+    assert "lowrank_grads" not in older and changed_keys(parse_config(older), config) == {}
+    edited = dataclasses.replace(config, epochs=4, precision="bf16")
+    assert changed_keys(parse_config(older), edited) == {"epochs": ("3", "4"), "precision": ('"fp32"', '"bf16"')}

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import CI_CONFIG
-from scp_jax.config import load_config
+from scp_jax.config import load_config, to_toml
 from scp_jax.data.dataset import load_id_map, load_train
 from scp_jax.engine.cv import HELD_OUT_CELLS, make_folds
 from scp_jax.engine.trainer import slot_ranges, train_ensemble
@@ -304,6 +304,7 @@ def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(s
                                          "target_encoding.svd=4", "checkpoint_every=3"] + model)
     queries = load_id_map(small_world / "id_map.csv", train)
     result = train_ensemble(config, train, queries, checkpointer=Checkpointer(tmp_path / "checkpoints", config, train))
+    (tmp_path / "config.toml").write_text(to_toml(config))  # what makes tmp_path a run dir
     arrays, manifest = export_run(tmp_path)
     assert arrays["features.fold_cell"].shape[0] == 6
     if config.targets.svd:

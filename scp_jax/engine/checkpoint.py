@@ -16,6 +16,7 @@ checkpoint, which `export --step best --last` exports (`best_step`).
 """
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from scp_jax.config import RESUMABLE_KEYS, changed_keys, to_toml
+from scp_jax.config import RESUMABLE_KEYS, changed_keys, parse_config, to_toml
 from scp_jax.errors import UserError
 
 STATE, TABLES, METADATA = "state", "tables", "metadata"
@@ -74,7 +75,9 @@ def open_manager(directory, config=None):
     if config is not None:
         keep = policies.AnyPreservationPolicy([
             policies.LatestN(n=config.checkpoint_keep),
-            policies.BestN(get_metric_fn=lambda metrics: metrics[SCORE], reverse=True, n=1),
+            # A step without metrics (written before they were) is not kept as the best forever.
+            policies.BestN(get_metric_fn=lambda metrics: metrics[SCORE], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False),
         ])
     # best_fn makes Orbax write each step's metrics and read them back in a later process: without
     # them a resumed run's BestN saw every earlier step as unscored and kept it forever.
@@ -90,8 +93,6 @@ def open_manager(directory, config=None):
 def kept_steps(directory):
     """The complete steps, oldest first; a UserError when there is none."""
     directory = Path(directory)
-    if not directory.is_dir() and not (directory.parent / "config.toml").is_file():
-        raise UserError(f"{directory.parent}: not a run dir (no checkpoints/ or config.toml)")
     steps = []
     if directory.is_dir():
         manager = open_manager(directory)
@@ -191,10 +192,21 @@ def first_line(err):
     return text.splitlines()[0][:500] if text else type(err).__name__
 
 
-def run_metadata(config, train, members):
+def data_fingerprint(train, queries=None):
+    """sha256 of what training reads from the data files: targets, rows, SMILES and, for a pseudo-label
+    run, its queries. Their paths may change on resume (data moved); this may not."""
+    digest = hashlib.sha256("\n".join(train.compound_smiles).encode())
+    arrays = (train.targets, train.cell_index, train.compound_index, train.control)
+    for array in arrays + (() if queries is None else (queries.cell_index, queries.compound_index)):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def run_metadata(config, train, members, fingerprint):
     return {
         "format": 1,
         "config_toml": to_toml(config),
+        "data_sha256": fingerprint,
         "members": members.rows(),
         "features": list(config.features),
         "cell_types": list(train.cell_types),
@@ -221,32 +233,39 @@ class Checkpointer:
     """The trainer's hook: `restore(initial_state, members, tables, decoder)` before the loop, `save(epoch, state, metrics)` after
     each chunk, `close()` at the end (waits for async saves)."""
 
-    def __init__(self, directory, config, train, resume=False):
+    def __init__(self, directory, config, train, resume=False, queries=None):
+        """`queries`: the id map's rows, which a pseudo-label run trains on."""
         self.directory, self.config, self.train, self.resume = Path(directory), config, train, resume
+        self.fingerprint = data_fingerprint(train, queries if config.pseudo_labels.enabled else None)
         self.manager = open_manager(self.directory, config)
         if resume:
             try:
-                self.check_config(latest_step(self.directory))
+                self.check_resumable(latest_step(self.directory))
             except BaseException:
                 self.manager.close()
                 raise
 
-    def check_config(self, step):
-        """Refuse to resume with a config.toml edited since `step` (before any data is fitted or compiled):
-        the run would continue as neither the old nor the new config."""
+    def check_resumable(self, step):
+        """Refuse to resume with a config.toml edited since `step`, or other data (before any data is fitted
+        or compiled): the run would continue as neither the old nor the new one."""
         with corruption_guard(self.directory / str(step) / METADATA, step):
-            saved = restore_metadata(self.manager, step)["config_toml"]
-        changes = {k: v for k, v in changed_keys(saved, to_toml(self.config)).items() if k not in RESUMABLE_KEYS}
+            metadata = restore_metadata(self.manager, step)
+        if metadata.get("data_sha256", self.fingerprint) != self.fingerprint:  # checkpoints before it have none
+            paths = "data.train" + (" or data.id_map (pseudo labels train on it)" if self.config.pseudo_labels.enabled else "")
+            raise UserError(f"{self.directory / str(step)}: checkpoint step {step} was trained on other data than {paths}"
+                            " now holds; resume with the data it started with, or start a new run")
+        saved = parse_config(metadata["config_toml"])
+        changes = {k: v for k, v in changed_keys(saved, self.config).items() if k not in RESUMABLE_KEYS}
         if changes:
             key = min(changes)
-            then, now = ("unset" if value is None else repr(value) for value in changes[key])  # a key of another version
             raise UserError(f"{self.directory.parent / 'config.toml'}: {', '.join(sorted(changes))} changed since checkpoint"
-                            f" step {step} ({key}: {then} then, {now} now); a resumed run continues with the config it"
-                            " started with: set it back, or start a new run")
+                            f" step {step} ({key}: {changes[key][0]} then, {changes[key][1]} now); a resumed run"
+                            " continues with the config it started with: set it back, or start a new run")
 
     def restore(self, state, members, tables, decoder=None):
         """(state, epoch) to start from: the latest complete step when resuming, else (state, 0)."""
-        self.metadata, self.n_members = run_metadata(self.config, self.train, members), len(members)
+        self.metadata = run_metadata(self.config, self.train, members, self.fingerprint)
+        self.n_members = len(members)
         self.tables = run_tables(tables, self.train, decoder)
         check_disk_space(self.directory, state_bytes(state), self.config)
         if not self.resume:
