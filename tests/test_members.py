@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from scp_jax.config import load_config
+from scp_jax.engine.devices import MemberPlacement
 from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.members import MemberTable
 from scp_jax.engine.trainer import kfold_assignment, member_specs, train_ensemble
@@ -218,10 +219,11 @@ def run_on_devices(devices, config, processes=1, coordinator=None):
 
 def test_sharded_over_8_devices_and_2_processes_equals_one_device(free_address):
     config = BASE + ["ensemble=6", "sweep.dropout=[0.1]"]  # 6 members pad to 8 on 8 devices
-    one = sharding_summary(train_ensemble(load_config(None, config), toy_train()))  # this process: one device
+    one_cpu = MemberPlacement(jax.devices("cpu")[:1])  # in this process, whatever devices it has
+    one = sharding_summary(train_ensemble(load_config(None, config), toy_train(), placement=one_cpu))
     eight = run_on_devices(8, config)
     two_hosts = run_on_devices(4, config, processes=2, coordinator=free_address())
-    assert eight["sharded"] == 8 and two_hosts["sharded"] == 4
+    assert one["sharded"] == 1 and eight["sharded"] == 8 and two_hosts["sharded"] == 4
     for sharded in (eight, two_hosts):
         np.testing.assert_allclose(sharded["cv"], one["cv"], atol=1e-5)
         np.testing.assert_allclose(sharded["kernel"], one["kernel"], atol=1e-5)

@@ -271,9 +271,9 @@ def write_submission(path, ids, genes, predictions):
 
 
 def write_oof(path, train, predictions):
-    """The out-of-fold predictions of the validated rows (those without NaN), laid out like the training
-    parquet (`cell_type`, `sm_name`, genes), atomically: what a stacking model trains on."""
-    rows = np.flatnonzero(np.isfinite(predictions).all(axis=1))
+    """The out-of-fold predictions of the validated rows (the others are all NaN), laid out like the
+    training parquet (`cell_type`, `sm_name`, genes), atomically: what a stacking model trains on."""
+    rows = np.flatnonzero(~np.isnan(predictions).all(axis=1))
     columns = [pa.array(train.cell_type[rows]), pa.array(train.sm_name[rows])]
     columns += [pa.array(predictions[rows, j].astype(np.float32)) for j in range(len(train.genes))]
     table = pa.Table.from_arrays(columns, names=["cell_type", "sm_name", *train.genes])

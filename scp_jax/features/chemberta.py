@@ -7,6 +7,7 @@ Everything resolves offline: a local directory, or a model already in the Huggin
 
 import dataclasses
 import functools
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -207,7 +208,7 @@ def offline_hint(model):
     if Path(model).is_dir():
         return (f"no ChemBERTa weights in {model}: the folder needs config.json, tokenizer files and "
                 f"{' or '.join(WEIGHT_FILES)}")
-    if Path(model).is_absolute() or str(model).startswith("."):  # a path, not a hub name
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(model)):  # a path, not a hub name like owner/model
         return f"no ChemBERTa model folder {model}: pass --model DIR holding config.json, tokenizer files and weights"
     return (
         f"no ChemBERTa weights for '{model}' offline: download it once with `hf download {model}` "
