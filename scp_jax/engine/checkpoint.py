@@ -17,6 +17,7 @@ checkpoint, which `export --step best --last` exports (`best_step`).
 
 import contextlib
 import hashlib
+import operator
 import os
 import re
 import shutil
@@ -72,18 +73,18 @@ def place_like(state, named, n_members):
 def open_manager(directory, config=None):
     """A manager that writes (given the run's config: creates the dir, applies the keep policy) or only reads."""
     keep = None
+    score = operator.itemgetter(SCORE)
     if config is not None:
         keep = policies.AnyPreservationPolicy([
             policies.LatestN(n=config.checkpoint_keep),
             # A step without metrics (written before they were) is not kept as the best forever.
-            policies.BestN(get_metric_fn=lambda metrics: metrics[SCORE], reverse=True, n=1,
-                           keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=score, reverse=True, n=1, keep_checkpoints_without_metrics=False),
         ])
     # best_fn makes Orbax write each step's metrics and read them back in a later process: without
     # them a resumed run's BestN saw every earlier step as unscored and kept it forever.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=keep, best_fn=lambda metrics: metrics[SCORE], best_mode="min",
-        create=config is not None, cleanup_tmp_directories=config is not None
+        preservation_policy=keep, best_fn=score, best_mode="min", create=config is not None,
+        cleanup_tmp_directories=config is not None
     )
     handlers = {STATE: ocp.StandardCheckpointHandler(), TABLES: ocp.StandardCheckpointHandler(),
                 METADATA: ocp.JsonCheckpointHandler()}
