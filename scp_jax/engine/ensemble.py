@@ -5,8 +5,8 @@ epoch is written once, for a single member, then `jax.vmap` lays it over the mem
 `jax.lax.scan` runs a chunk of epochs inside one `jax.jit`, so the host only sees chunk ends.
 Member i's randomness is `fold_in(key(config.seed), seed_i, fold_i)` further folded with the epoch
 and step: it depends on who the member is, not on how many members train beside it, so a member
-trains the same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state and spec,
-so a sweep is one program too.
+trains the same alone or in an ensemble. Its hyperparameters are arrays in its optimizer state
+and spec, so a sweep is one program too.
 
 A member's `fold` is also its slot in the per-fold feature tables and target SVD (fitted on that
 fold's training rows only); every gather by fold happens on device, inside the vmap.
