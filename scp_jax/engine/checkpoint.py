@@ -255,7 +255,11 @@ class Checkpointer:
             paths = "data.train" + (" or data.id_map (pseudo labels train on it)" if self.config.pseudo_labels.enabled else "")
             raise UserError(f"{self.directory / str(step)}: checkpoint step {step} was trained on other data than {paths}"
                             " now holds; resume with the data it started with, or start a new run")
-        saved = parse_config(metadata["config_toml"])
+        try:
+            saved = parse_config(metadata["config_toml"])
+        except UserError as err:  # a key this version no longer has
+            raise UserError(f"{self.directory / str(step)}: checkpoint step {step} was written by another version"
+                            f" of scp_jax ({err}); resume it with that version") from None
         changes = {k: v for k, v in changed_keys(saved, self.config).items() if k not in RESUMABLE_KEYS}
         if changes:
             key = min(changes)
