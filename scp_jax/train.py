@@ -118,6 +118,7 @@ def discard_start(run_dir, created):
             return
         for path in run_dir.iterdir():
             path.rmdir() if path.is_dir() else path.unlink()
+        print(f"run dir {run_dir} removed again: nothing was trained", flush=True)  # the header named it
         for folder in created:
             folder.rmdir()
 

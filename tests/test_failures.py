@@ -45,7 +45,7 @@ def test_run_dir_not_writable(small_world, tmp_path, cli_error):
     assert "a-file: run dir is not a directory" in error
 
 
-def test_a_run_dir_is_never_shared_and_cleanup_spares_other_runs(tmp_path):
+def test_a_run_dir_is_never_shared_and_cleanup_spares_other_runs(tmp_path, capsys):
     """A dir that looks like a fresh start may be a run starting: refused. A failed run's cleanup
     removes its own start but leaves a parent another run has put files in, without raising."""
     run, created = train.prepare_run_dir(tmp_path / "runs" / "a")
@@ -58,6 +58,7 @@ def test_a_run_dir_is_never_shared_and_cleanup_spares_other_runs(tmp_path):
     (tmp_path / "runs" / "b").mkdir()  # another run, started meanwhile
     train.discard_start(run, created)
     assert not run.exists() and (tmp_path / "runs" / "b").is_dir()
+    assert capsys.readouterr().out == f"run dir {run} removed again: nothing was trained\n"  # the header named it
 
 
 def test_disk_too_full_for_checkpoints_stops_before_training(small_world, tmp_path, cli_error, monkeypatch):
