@@ -264,18 +264,21 @@ def write_submission(path, ids, genes, predictions):
     if not finite.all():
         row, j = np.argwhere(~finite)[0]
         raise UserError(f"{path}: refusing to write non-finite prediction for id {show(ids[row])}, gene '{genes[j]}'")
-    columns = [pa.array(np.asarray(ids))] + [pa.array(predictions[:, j]) for j in range(len(genes))]
-    table = pa.Table.from_arrays(columns, names=["id", *genes])
     with atomic_path(path) as tmp:
-        pa_csv.write_csv(table, tmp)
+        pa_csv.write_csv(_gene_table({"id": ids}, genes, predictions), tmp)
 
 
 def write_oof(path, train, predictions):
     """The out-of-fold predictions of the validated rows (the others are all NaN), laid out like the
     training parquet (`cell_type`, `sm_name`, genes), atomically: what a stacking model trains on."""
     rows = np.flatnonzero(~np.isnan(predictions).all(axis=1))
-    columns = [pa.array(train.cell_type[rows]), pa.array(train.sm_name[rows])]
-    columns += [pa.array(predictions[rows, j].astype(np.float32)) for j in range(len(train.genes))]
-    table = pa.Table.from_arrays(columns, names=["cell_type", "sm_name", *train.genes])
+    keys = {"cell_type": train.cell_type[rows], "sm_name": train.sm_name[rows]}
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(_gene_table(keys, train.genes, predictions[rows]), tmp)
+
+
+def _gene_table(keys, genes, values):
+    """An arrow table: the `keys` columns ({name: [rows]}), then one float32 column per gene of `values`."""
+    values = np.asarray(values, dtype=np.float32)
+    columns = [pa.array(np.asarray(v)) for v in keys.values()] + [pa.array(values[:, j]) for j in range(len(genes))]
+    return pa.Table.from_arrays(columns, names=[*keys, *genes])

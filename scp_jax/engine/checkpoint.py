@@ -241,14 +241,15 @@ class Checkpointer:
         self.manager = open_manager(self.directory, config)
         if resume:
             try:
-                self.check_resumable(latest_step(self.directory))
+                self.step = latest_step(self.directory)
+                self.check_resumable(self.step)
             except BaseException:
                 self.manager.close()
                 raise
 
     def check_resumable(self, step):
-        """Refuse to resume with a config.toml edited since `step`, or other data (before any data is fitted
-        or compiled): the run would continue as neither the old nor the new one."""
+        """Refuse to resume with a config.toml edited since `step`, or other data or vocabularies (before any
+        data is fitted or compiled): the run would continue as neither the old nor the new one."""
         with corruption_guard(self.directory / str(step) / METADATA, step):
             metadata = restore_metadata(self.manager, step)
         if metadata.get("data_sha256", self.fingerprint) != self.fingerprint:  # checkpoints before it have none
@@ -266,6 +267,12 @@ class Checkpointer:
             raise UserError(f"{self.directory.parent / 'config.toml'}: {', '.join(sorted(changes))} changed since checkpoint"
                             f" step {step} ({key}: {changes[key][0]} then, {changes[key][1]} now); a resumed run"
                             " continues with the config it started with: set it back, or start a new run")
+        for key in ("genes", "cell_types", "compounds"):
+            self.check_written_for(key, metadata.get(key), list(getattr(self.train, key)), step)
+
+    def check_written_for(self, key, saved, ours, step):
+        if saved != ours:
+            raise UserError(f"{self.directory / str(step)}: checkpoint step {step} was written for other {key}")
 
     def restore(self, state, members, tables, decoder=None):
         """(state, epoch) to start from: the latest complete step when resuming, else (state, 0)."""
@@ -275,12 +282,10 @@ class Checkpointer:
         check_disk_space(self.directory, state_bytes(state), self.config)
         if not self.resume:
             return state, 0
-        step = latest_step(self.directory)
-        named, _, metadata = restore_items(self.directory, step)
-        for key in ("members", "features", "genes", "cell_types", "compounds"):
-            if metadata.get(key) != self.metadata[key]:
-                raise UserError(f"{self.directory / str(step)}: checkpoint step {step} was written for other {key}")
-        return place_like(state, named, self.n_members), step
+        # The config, data and vocabularies were checked when resuming began (check_resumable).
+        named, _, metadata = restore_items(self.directory, self.step)
+        self.check_written_for("members", metadata.get("members"), self.metadata["members"], self.step)
+        return place_like(state, named, self.n_members), self.step
 
     def save(self, epoch, state, metrics, last=False):
         """Save at checkpoint_every epochs and the last epoch; only the real members, not device padding."""
