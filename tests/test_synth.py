@@ -159,3 +159,23 @@ def test_reference_dir_missing_a_file_writes_nothing(tmp_path, cli_error):
     assert (cli_error(main, ["synth", "--out", tmp_path / "out", "--genes", "2", "--reference", tmp_path / "ref"])
             == f"error: reference dir {tmp_path / 'ref'} lacks compounds_smiles.csv")
     assert not (tmp_path / "out").exists()
+
+
+def test_synth_writes_a_whole_world_or_nothing(small_world, tmp_path, cli_error, monkeypatch):
+    from scp_jax.data import synth
+
+    (tmp_path / "empty").mkdir()
+    main(["synth", "--out", str(tmp_path / "empty"), "--genes", "64"])
+    assert filecmp.cmp(small_world / "de_train.parquet", tmp_path / "empty" / "de_train.parquet", shallow=False)
+    before = (tmp_path / "empty" / "world.json").read_text()
+    assert (cli_error(main, ["synth", "--out", tmp_path / "empty", "--genes", "8"])
+            == f"error: {tmp_path / 'empty'}: already exists and is not an empty folder; write the world to a new one")
+    assert (tmp_path / "empty" / "world.json").read_text() == before
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # after de_train.parquet and id_map.csv are written
+
+    monkeypatch.setattr(synth, "_effect_oracle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["synth", "--out", str(tmp_path / "new"), "--genes", "8"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no world, no hidden build folder

@@ -317,12 +317,33 @@ def _write_parquet(path, columns, genes, values):
 
 
 def make_world(out_dir, *, genes=18211, seed=0, reference=None, params=None) -> Path:
-    """Write de_train.parquet, id_map.csv, hidden/{truth,oracle,effect_oracle}.parquet and world.json to out_dir."""
+    """Write de_train.parquet, id_map.csv, hidden/{truth,oracle,effect_oracle}.parquet and world.json
+    to out_dir, a new or empty folder. All or nothing: the world is built in a hidden folder beside
+    it and renamed into place, so an interrupted run, or a world of other settings already there,
+    never leaves files of two worlds under one name."""
     if genes < 1:
         raise UserError(f"--genes must be positive, got {genes}")
     if seed < 0:
         raise UserError(f"--seed must be non-negative, got {seed}")
-    params = params or Params()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise UserError(f"{out_dir}: already exists and is not an empty folder; write the world to a new one")
+    build = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        _write_world(build, genes, seed, reference, params or Params())
+        os.chmod(build, default_mode(directory=True))  # mkdtemp's 0700 would hide the world from other users
+        os.replace(build, out_dir)  # onto an empty folder too (POSIX rename)
+    except OSError as err:
+        raise UserError(f"{out_dir}: cannot write ({err.strerror or err})") from None
+    finally:
+        if build is not None:
+            shutil.rmtree(build, ignore_errors=True)
+    return out_dir
+
+
+def _write_world(out_dir, genes, seed, reference, params):
     rng = np.random.default_rng(seed)
     layout = _reference_layout(rng, reference, genes) if reference else _synthetic_layout(rng, genes)
     effect = _effects(rng, params, layout)
@@ -361,7 +382,6 @@ def make_world(out_dir, *, genes=18211, seed=0, reference=None, params=None) -> 
         "effect_oracle": "E[y | effect], averaged over 32 stratified quantiles of the cell type's cell counts",
     }
     write_text(out_dir / "world.json", json.dumps(world, indent=2) + "\n")
-    return out_dir
 
 
 def default_world(genes=18211, seed=0) -> Path:
@@ -376,10 +396,10 @@ def default_world(genes=18211, seed=0) -> Path:
     if _world_version(world) == VERSION:
         return world
     root.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{world.name}.", dir=root))
+    stage = Path(tempfile.mkdtemp(prefix=f".{world.name}.", dir=root))
+    build = stage / "world"
     try:
         make_world(build, genes=genes, seed=seed)
-        os.chmod(build, default_mode(directory=True))  # mkdtemp's 0700 would hide the world from other users
         if _world_version(world) == VERSION:  # a concurrent caller installed it meanwhile: keep theirs
             return world
         if world.exists():  # stale version: move it aside first, rename cannot replace a folder
@@ -391,7 +411,7 @@ def default_world(genes=18211, seed=0) -> Path:
         if _world_version(world) != VERSION:  # not a concurrent builder winning the race
             raise
     finally:
-        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
     return world
 
 
