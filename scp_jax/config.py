@@ -65,6 +65,11 @@ class SweepConfig:
     input_mask: tuple[float, ...] = ()
 
 
+# What a member may set for itself: each a per-member array in the one compiled program
+# (engine/members.py); its single value is optim.<name> or model.<name>.
+HYPERPARAMETERS = tuple(field.name for field in dataclasses.fields(SweepConfig))
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetEncodingConfig:
     stats: tuple[str, ...] = ("mean", "std", "median", "q25", "q75")
@@ -114,6 +119,7 @@ TE_STATS = ("mean", "std", "median", "q25", "q75")
 MODEL_KINDS = ("mlp", "resmlp", "cnn", "gru", "lstm", "transformer", "factorized")
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("constant", "cosine", "onecycle")
+CATEGORIES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}  # member tables store them as indices
 AGGREGATES = ("mean", "median", "weighted")
 TARGET_TRANSFORMS = ("none", "t_statistic")
 PRECISIONS = ("fp32", "bf16", "bf16_state")  # scp_jax/precision.py; here so reading a config needs no jax
@@ -146,6 +152,14 @@ class Config:
     pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
     aggregate: AggregateConfig = AggregateConfig()
 
+    def hyperparameter_table(self, name):
+        """Where hyperparameter `name`'s single value lives: "optim" or "model"."""
+        return "optim" if hasattr(self.optim, name) else "model"
+
+    def hyperparameter(self, name):
+        """The value of hyperparameter `name` a member has unless the sweep sets it."""
+        return getattr(getattr(self, self.hyperparameter_table(name)), name)
+
     def __post_init__(self):
         positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
                     "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size,
@@ -174,7 +188,7 @@ class Config:
                             f" (a size per (cell type, compound) pair), got {self.model.kind!r} and {list(self.features)}")
         if self.model.kind == "transformer" and self.model.width % self.model.heads:
             raise UserError(f"config: model.width ({self.model.width}) must be a multiple of model.heads ({self.model.heads})")
-        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        for key, choices in CATEGORIES.items():
             for name, value in ((f"optim.{key}", getattr(self.optim, key)),
                                 *((f"sweep.{key}", v) for v in getattr(self.sweep, key))):
                 if value not in choices:
@@ -200,9 +214,8 @@ class Config:
             raise UserError("config: lowrank_grads needs optim.l2 = 0 (the L2 prior's gradient is not low-rank)")
         if self.precision not in PRECISIONS:
             raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for key in ("learning_rate", "weight_decay", "clip_norm", "l2", "dropout", "input_mask", "warmup"):
-            section = "optim" if hasattr(self.optim, key) else "model"
-            _check_hyperparameter(f"{section}.{key}", getattr(getattr(self, section), key))
+        for key in (k for k in HYPERPARAMETERS if k not in CATEGORIES):
+            _check_hyperparameter(f"{self.hyperparameter_table(key)}.{key}", self.hyperparameter(key))
             for value in getattr(self.sweep, key):
                 _check_hyperparameter(f"sweep.{key}", value)
         if self.cv not in CV_SCHEMES:

@@ -9,6 +9,7 @@ from scp_jax.config import load_config
 from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.members import MemberTable
 from scp_jax.engine.trainer import train_ensemble
+from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables
 from toy import toy_queries, toy_train
 
@@ -86,3 +87,12 @@ def test_pseudo_labels_of_a_fold_come_from_that_folds_members_only(transform):
     np.testing.assert_array_equal(result.pseudo_targets[3], 0.0)  # the all-rows slot has no member here
     first_stage = train_ensemble(plain, train, queries)
     assert not np.allclose(result.test_predictions, first_stage.test_predictions, atol=1e-3)
+
+
+def test_pseudo_labels_refuse_a_fold_whose_stage1_members_all_diverged():
+    """Such a fold's stage 2 would otherwise train on labels no member gave (zeros, before this was an error)."""
+    train, queries = toy_train(), toy_queries(toy_train())
+    config = load_config(None, BASE + ["ensemble=3", "epochs=1", "pseudo_labels.enabled=true",
+                                       "optim.learning_rate=1e30", "optim.clip_norm=1e30"])
+    with pytest.raises(UserError, match=r"^pseudo labels: every stage-1 member of fold 0 diverged"):
+        train_ensemble(config, train, queries)

@@ -40,7 +40,8 @@ STALL_ENV = "SCP_JAX_TEST_STALL_AFTER_EPOCH"  # test hook: sleep after this epoc
 
 
 def leaf_name(path):
-    """`.opt_state[1][0].mu['head']['kernel'].value` -> `opt_state.1.0.mu.head.kernel`."""
+    """`.opt_state.mu['head']['kernel'].value` -> `opt_state.mu.head.kernel`; list indices become parts too
+    (`.layers[0]` -> `layers.0`)."""
     text = re.sub(r"\.value$", "", jax.tree_util.keystr(path))
     return ".".join(part for part in re.split(r"[.\[\]']+", text) if part)
 

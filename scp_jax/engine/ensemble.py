@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from scp_jax.config import HYPERPARAMETERS
 from scp_jax.data.pvalues import expected_y_of_t
 from scp_jax.engine import lowrank, optim
 from scp_jax.engine.losses import dense_weight_norm, mixed_loss
 from scp_jax.metrics import masked_mrrmse_jax
 from scp_jax.models import build_model
 
-_INIT, _SHUFFLE, _DROPOUT, _ROUNDING = range(4)  # streams folded into a member's key
+_INIT, _SHUFFLE, _NOISE, _ROUNDING = range(4)  # streams folded into a member's key (_NOISE: input masks, dropout)
 
 
 @struct.dataclass
@@ -75,7 +76,7 @@ class MemberSpec:
     train_mask: jnp.ndarray  # [n + pseudo rows] bool
     val_rows: jnp.ndarray  # [v] row indices, padded to the largest validation set
     val_weight: jnp.ndarray  # [v] 1 for a real validation row, 0 for padding
-    hparams: dict  # name -> scalar (see members.HYPERPARAMETERS)
+    hparams: dict  # name -> scalar (see config.HYPERPARAMETERS)
 
 
 @struct.dataclass
@@ -108,7 +109,8 @@ def _fold_in(key, *data):
 # hyperparameter values, paths, the CV scheme, which feature sets fill the tables: their widths are
 # the `layout` key, pseudo labels: extra rows and weights; the aggregation method is a static
 # argument of its own program): runs that differ only in these share one Ensemble and its programs.
-# `targets` (SVD outputs, loss space), `model` and `loss` shape the program and stay in the key.
+# `targets` (SVD outputs, loss space), `model` and `loss` shape the program and stay in the key, but
+# for the model's hyperparameters (dropout, input masking), per-member inputs like optim's.
 _NOT_IN_PROGRAM = ("seed", "epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
                    "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding",
                    "pseudo_labels", "aggregate")
@@ -117,7 +119,9 @@ _NOT_IN_PROGRAM = ("seed", "epochs", "epochs_per_chunk", "ensemble", "folds", "o
 def compiled_ensemble(config, layout, n_genes, options=frozenset()):
     """One Ensemble (and its compiled programs) per program-shaping configuration and shape."""
     defaults = type(config)()
-    key = dataclasses.replace(config, **{name: getattr(defaults, name) for name in _NOT_IN_PROGRAM})
+    model = {n: defaults.hyperparameter(n) for n in HYPERPARAMETERS if config.hyperparameter_table(n) == "model"}
+    key = dataclasses.replace(config, **{name: getattr(defaults, name) for name in _NOT_IN_PROGRAM},
+                              model=dataclasses.replace(config.model, **model))
     return _cached_ensemble(key, tuple(layout), n_genes, options)
 
 
@@ -128,13 +132,13 @@ def _cached_ensemble(config, layout, n_genes, options):
 
 class Ensemble:
     """Compiled init / train-chunk / predict functions for one config and data shape (`layout`: the
-    feature tables' FeatureTables.layout)."""
+    feature tables' FeatureTables.layout). `config` is the program's: the settings that reach it only
+    as inputs (compiled_ensemble) hold their defaults there."""
 
     def __init__(self, config, layout, n_genes, options=frozenset()):
         """`options` (MemberTable.program_options) names the random masks and optimizers some member
         uses: only those are built, since they cost time and compile time."""
         self.config = config
-        self.n_genes = n_genes
         self.options = options
         self.loss = mixed_loss(config.loss)
         n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
@@ -213,17 +217,20 @@ class Ensemble:
         rows = order[slots % n_rows].reshape(steps, batch_size)
         weights = (slots < jnp.sum(spec.train_mask)).astype(jnp.float32).reshape(steps, batch_size)
 
+        noise_key = self.member_key(spec, _NOISE, state.epoch)  # folded with the step below
+        rounding_key = self.member_key(spec, _ROUNDING, state.epoch)
+        grad_fn = lowrank.value_and_grad if self.config.lowrank_grads else _value_and_grad
+
         def step(carry, batch):
             params, opt_state = carry
             index, batch_rows, batch_weights = batch
-            dropout_key = self.member_key(spec, _DROPOUT, state.epoch, index)
-            grad_fn = lowrank.value_and_grad if self.config.lowrank_grads else _value_and_grad
-            loss, grads = grad_fn(self._loss, params, data, batch_rows, batch_weights, spec, dropout_key)
+            step_key = jax.random.fold_in(noise_key, index)
+            loss, grads = grad_fn(self._loss, params, data, batch_rows, batch_weights, spec, step_key)
             # Stopped members and empty batches (fewer training rows) leave the member untouched.
             active = jnp.logical_and(state.stopped_at < 0, jnp.sum(batch_weights) > 0)
             rounding_seed = None
             if self.config.precision == "bf16_state":
-                rounding_seed = jax.random.bits(self.member_key(spec, _ROUNDING, state.epoch, index), (), jnp.uint32)
+                rounding_seed = jax.random.bits(jax.random.fold_in(rounding_key, index), (), jnp.uint32)
             new = optim.step(params, grads, opt_state, active, rounding_seed, "lion" in self.options, self.lowrank_impl)
             return new, loss * jnp.sum(batch_weights)
 
@@ -250,7 +257,7 @@ class Ensemble:
         model.center_row_scale(trained)
         return nnx.state(model, nnx.Param)
 
-    def _after_epoch(self, state, params, opt_state, train_loss, val_score, has_val=True):
+    def _after_epoch(self, state, params, opt_state, train_loss, val_score, has_val):
         """Keep the best parameters (a real copy), stop on patience, freeze a diverged member at its best.
 
         A member without validation rows (cv = "full") scores NaN: that is not divergence (only a

@@ -11,15 +11,7 @@ import itertools
 
 import numpy as np
 
-from scp_jax.config import OPTIMIZERS, SCHEDULES
-
-HYPERPARAMETERS = ("optimizer", "schedule", "warmup", "learning_rate", "weight_decay", "clip_norm", "l2", "dropout",
-                   "input_mask")
-CATEGORIES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}  # stored as indices into these
-
-
-def _default(config, name):
-    return getattr(config.optim, name) if hasattr(config.optim, name) else getattr(config.model, name)
+from scp_jax.config import CATEGORIES, HYPERPARAMETERS, OPTIMIZERS
 
 
 def _code(name, value):
@@ -37,7 +29,7 @@ class MemberTable:
     def from_config(cls, config, n_folds=None):
         """`n_folds`: the scheme's fold count (scp_jax.engine.cv.Folds.n_folds); default config.folds."""
         n_folds = config.folds if n_folds is None else n_folds
-        grid = [getattr(config.sweep, name) or (_default(config, name),) for name in HYPERPARAMETERS]
+        grid = [getattr(config.sweep, name) or (config.hyperparameter(name),) for name in HYPERPARAMETERS]
         rows = [
             (i // n_folds, i % n_folds, combo) if n_folds else (i, 0, combo)
             for combo in itertools.product(*grid)
@@ -53,7 +45,7 @@ class MemberTable:
     @classmethod
     def single(cls, config, seed, fold, **hparams):
         """One member, e.g. to retrain a member of an ensemble alone."""
-        values = {name: hparams.get(name, _default(config, name)) for name in HYPERPARAMETERS}
+        values = {name: hparams.get(name, config.hyperparameter(name)) for name in HYPERPARAMETERS}
         return cls(np.array([seed], np.int32), np.array([fold], np.int32),
                    {k: np.array([_code(k, v)], np.float32) for k, v in values.items()}, config.cv)
 

@@ -106,11 +106,9 @@ def step(params, grads, state, active=True, rounding_seed=None, lion_branch=Fals
     bias2 = 1.0 - B2 ** count.astype(jnp.float32)
     is_lion = hp["optimizer"] == LION
     adamw_scalars = (clip_scale, rate, hp["weight_decay"], bias1, bias2, active)
-    leaf_index = iter(range(len(jax.tree.leaves(params))))
 
-    def leaf(p, g, m, v):
-        salt = 3 * next(leaf_index)
-        seed = None if rounding_seed is None else rounding_seed + jnp.uint32(salt)
+    def leaf(index, p, g, m, v):
+        seed = None if rounding_seed is None else rounding_seed + jnp.uint32(3 * index)
         if lowrank.fusable(g) and lowrank_impl != "xla" and not lion_branch:
             return lowrank.fused_update(adamw, p, m, v, g, adamw_scalars, seed, interpret=lowrank_impl == "interpret")
         g = g.dense() if isinstance(g, lowrank.Factored) else g.astype(jnp.float32)
@@ -121,7 +119,8 @@ def step(params, grads, state, active=True, rounding_seed=None, lion_branch=Fals
             new = [jnp.where(is_lion, a, b) for a, b in zip(lion_new, new)]
         return store_leaf(new, p.dtype, seed)
 
-    out = jax.tree.map(leaf, params, grads, state.mu, state.nu)
-    outer = jax.tree.structure(params)
-    new_params, mu, nu = jax.tree.transpose(outer, jax.tree.structure((0, 0, 0)), out)
+    leaves, treedef = jax.tree.flatten(params)
+    others = [treedef.flatten_up_to(tree) for tree in (grads, state.mu, state.nu)]  # a Factored grad is one leaf
+    new = [leaf(i, *args) for i, args in enumerate(zip(leaves, *others))]
+    new_params, mu, nu = (treedef.unflatten(column) for column in zip(*new))
     return new_params, OptimizerState(jnp.where(active, count, state.count), mu, nu, hp)

@@ -1,7 +1,7 @@
 """Host side of training: build the member table and data, run compiled chunks, score the CV.
 
-The host touches the device only between chunks: to log the chunk's metrics and, at the end, to
-pull out-of-fold and test predictions.
+The host touches the device only between chunks: to log the chunk's metrics, to copy a checkpoint
+out, and, at the end, to pull out-of-fold and test predictions.
 """
 
 import contextlib
@@ -49,7 +49,7 @@ class TrainResult:
     baseline_cv: dict | None  # same rows, baselines fitted per fold; None if no row is validated
     oof_predictions: np.ndarray  # [n, genes] out-of-fold: each row by the members validating it; NaN if none
     test_predictions: np.ndarray | None  # [queries, genes] by all members
-    state: object  # final MemberState (stacked over members, padding included), for checkpoints and export
+    state: object  # final MemberState (stacked over members, padding included)
     pseudo_targets: np.ndarray | None = None  # [slots, queries, genes] the queries' labels from each slot's stage-1 members
 
 
@@ -139,7 +139,7 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     queries for the second, which is the run's result.
     """
     folds = make_folds(config.cv, train, config.folds, config.seed)
-    members = members or MemberTable.from_config(config, folds.n_folds)
+    members = MemberTable.from_config(config, folds.n_folds) if members is None else members
     if members.scheme != folds.scheme or members.fold.max() > folds.n_folds:
         raise UserError(f"members ({members.scheme}, folds up to {members.fold.max()}) do not fit"
                         f" cv {folds.scheme!r} with {folds.n_folds} folds")
@@ -161,18 +161,19 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
 class _FoldFits:
     """What both stages of a run share, fitted once: feature tables, target decoder, the loss's targets."""
 
+    train_masks: np.ndarray  # [slots, n]: slot k = fold k's training rows, slot K = all rows
     tables: object  # FeatureTables
     decoder: object  # TargetSVD or None
     fit_targets: np.ndarray | None  # [n, genes] t-statistics when the loss fits them; None: the targets
 
 
 def _fit_folds(config, train, folds):
-    train_masks = folds.train_masks()  # [slots, n]: slot k = fold k's training rows, slot K = all rows
+    train_masks = folds.train_masks()
     fit_targets = None
     if config.targets.transform == "t_statistic":
         fit_targets = t_statistic(train.targets).astype(np.float32)
     decoder = target_decoder(config, train.targets if fit_targets is None else fit_targets, train_masks)
-    return _FoldFits(build_tables(config, train, train_masks), decoder, fit_targets)
+    return _FoldFits(train_masks, build_tables(config, train, train_masks), decoder, fit_targets)
 
 
 def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_chunk, checkpointer):
@@ -223,7 +224,7 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
     fold_of_row = folds.fold_of_row
     n_pseudo = 0 if pseudo_targets is None else len(queries.cell_index)
     specs, val_masks, steps = member_specs(config, padded, fold_of_row, n_pseudo)
-    train_masks = folds.train_masks()
+    train_masks = fitted.train_masks
     data = placement.replicate(_stage_data(config, train, queries, fitted, pseudo_targets))
     engine = compiled_ensemble(config, fitted.tables.layout, train.targets.shape[1], members.program_options())
     specs = placement.shard(specs)
@@ -264,8 +265,11 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
             slot_predictions = np.zeros((len(train_masks), n_queries, train.targets.shape[1]), np.float32)
             for slot in np.unique(members.fold):
                 voters = votes & (padded.fold == slot)
-                slot_predictions[slot] = np.nan_to_num(aggregate(np.repeat(voters[:, None], n_queries, axis=1),
-                                                                 *query_index))
+                if not voters.any():  # its stage-2 members would train on no labels, silently
+                    raise UserError(f"pseudo labels: every stage-1 member of fold {slot} diverged (NaN/Inf) before a"
+                                    " finite score, so none can label the queries for that fold's stage 2"
+                                    " (lower optim.learning_rate or optim.clip_norm)")
+                slot_predictions[slot] = aggregate(np.repeat(voters[:, None], n_queries, axis=1), *query_index)
     validated = np.isin(fold_of_row, members.fold[votes[:n]])
     return TrainResult(
         members=members,
