@@ -218,7 +218,7 @@ class Ensemble:
         weights = (slots < jnp.sum(spec.train_mask)).astype(jnp.float32).reshape(steps, batch_size)
 
         noise_key = self.member_key(spec, _NOISE, state.epoch)  # folded with the step below
-        rounding_key = self.member_key(spec, _ROUNDING, state.epoch)
+        rounding_key = self.member_key(spec, _ROUNDING, state.epoch) if self.config.precision == "bf16_state" else None
         grad_fn = lowrank.value_and_grad if self.config.lowrank_grads else _value_and_grad
 
         def step(carry, batch):
@@ -229,7 +229,7 @@ class Ensemble:
             # Stopped members and empty batches (fewer training rows) leave the member untouched.
             active = jnp.logical_and(state.stopped_at < 0, jnp.sum(batch_weights) > 0)
             rounding_seed = None
-            if self.config.precision == "bf16_state":
+            if rounding_key is not None:
                 rounding_seed = jax.random.bits(jax.random.fold_in(rounding_key, index), (), jnp.uint32)
             new = optim.step(params, grads, opt_state, active, rounding_seed, "lion" in self.options, self.lowrank_impl)
             return new, loss * jnp.sum(batch_weights)
