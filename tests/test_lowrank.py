@@ -1,5 +1,7 @@
 """Low-rank kernel gradients: the factors, the fused Pallas AdamW (interpreted here), the engine with them."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,22 +63,30 @@ def test_fused_update_equals_adamw_on_the_dense_gradient(dtype, active):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_update_lowers_to_triton_for_a_gpu(dtype):
+def test_fused_update_lowers_to_triton_for_a_gpu(monkeypatch, capsys, dtype):
     """The kernel as the engine gives it to a GPU (vmapped over members, each with its own rate and
     freeze flag, on W20's head): lowering it checks what Triton accepts (block shapes, masked edge
-    tiles, scalar loads, the ops), without a GPU."""
+    tiles, scalar loads, the ops), without a GPU. 120 members stack over 2^31 elements of p, mu and
+    nu, so their pointer offsets must be 64-bit: vmap folds the member into them."""
+    from jax.experimental import pallas as pl
+
     def update(p, m, v, x, dy, rate, active, seed):
         scalars = (0.5, rate, 1e-3, 0.19, 0.0199, active)
         return lowrank.fused_update(optim.adamw, p, m, v, lowrank.Factored(x, dy), scalars,
                                     seed if dtype == jnp.bfloat16 else None)
 
-    state = jax.ShapeDtypeStruct((3, 1024, 18211), dtype)
-    args = (state, state, state, jax.ShapeDtypeStruct((3, 32, 1024), jnp.float32),
-            jax.ShapeDtypeStruct((3, 32, 18211), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32),
-            jax.ShapeDtypeStruct((3,), jnp.bool_), jax.ShapeDtypeStruct((3,), jnp.uint32))
+    members = 120
+    state = jax.ShapeDtypeStruct((members, 1024, 18211), dtype)
+    args = (state, state, state, jax.ShapeDtypeStruct((members, 32, 1024), jnp.float32),
+            jax.ShapeDtypeStruct((members, 32, 18211), jnp.float32), jax.ShapeDtypeStruct((members,), jnp.float32),
+            jax.ShapeDtypeStruct((members,), jnp.bool_), jax.ShapeDtypeStruct((members,), jnp.uint32))
+    monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))  # prints the Triton IR
     triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     exported = jax.export.export(jax.jit(jax.vmap(update)), platforms=["cuda"], disabled_checks=[triton])(*args)
     assert "xla.gpu.triton" in exported.mlir_module()
+    state_pointers = [line for line in capsys.readouterr().out.splitlines()
+                      if "tt.addptr" in line and ("masked_load" in line or "masked_swap" in line)]
+    assert len(state_pointers) == 6 and all("x64xi64>" in line for line in state_pointers), state_pointers
 
 
 def test_only_small_batches_are_fused():

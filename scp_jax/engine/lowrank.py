@@ -102,7 +102,9 @@ def fused_update(update, p, m, v, grad, scalars, seed=None, interpret=False):
     """`update(p, g, m, v, *scalars)` -> (p, m, v) in float32, applied to every tile of a kernel with g
     = x^T dy formed in the tile, in one Pallas kernel that reads and writes p, m and v once (in
     place). `seed`: stochastic rounding of bf16 state (precision.stochastic_round_bf16). Pallas is
-    imported here, so the package does not need its Triton backend unless this runs."""
+    imported here, so the package does not need its Triton backend unless this runs. Any member
+    count fits: vmap folds the member into the pointer offsets, which Pallas makes 64-bit once the
+    stacked array passes 4 GiB (tests/test_lowrank.py checks at 120 members of W20's head)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
