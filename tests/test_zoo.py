@@ -89,6 +89,28 @@ def test_pseudo_labels_of_a_fold_come_from_that_folds_members_only(transform):
     assert not np.allclose(result.test_predictions, first_stage.test_predictions, atol=1e-3)
 
 
+def test_epoch_train_loss_is_the_weighted_mean_of_its_rows_losses():
+    """At a vanishing learning rate the parameters stay at their init through the epoch, so its train
+    loss is a fixed mean over the member's training rows, each with its loss weight: a pseudo-labelled
+    row counts pseudo_labels.weight, as in the gradient (it counted 1; float64 reference)."""
+    train, queries = toy_train(), toy_queries(toy_train(), n=16)
+    config = load_config(None, BASE + ["ensemble=6", "epochs=1", "epochs_per_chunk=1", "optim.learning_rate=1e-30",
+                                       "pseudo_labels.enabled=true", "pseudo_labels.weight=0.25"])
+    losses = []
+    result = train_ensemble(config, train, queries, on_chunk=lambda e, m, s: losses.append(m["train_loss"][:, 0]))
+    tables = build_tables(config, train, result.folds.train_masks())
+    engine = compiled_ensemble(config, tables.layout, train.targets.shape[1])
+    folds = np.asarray(result.members.fold)
+    rows = [np.concatenate([a, b]) for a, b in ((train.cell_index, queries.cell_index),
+                                                (train.compound_index, queries.compound_index))]
+    preds = np.asarray(engine.predict_members(result.state.params, jnp.asarray(folds), tables, None, *rows), np.float64)
+    for member, fold in enumerate(folds):
+        targets = np.concatenate([train.targets, result.pseudo_targets[fold]]).astype(np.float64)
+        weights = np.concatenate([result.folds.train_masks()[fold], np.full(len(queries.cell_index), 0.25)])
+        want = np.average(np.mean((preds[member] - targets) ** 2, axis=1), weights=weights)
+        np.testing.assert_allclose(losses[0][member], want, rtol=1e-5, err_msg=f"member {member}")
+
+
 def test_pseudo_labels_refuse_a_fold_whose_stage1_members_all_diverged():
     """Such a fold's stage 2 would otherwise train on labels no member gave (zeros, before this was an error)."""
     train, queries = toy_train(), toy_queries(toy_train())

@@ -193,12 +193,11 @@ class Ensemble:
         return expected_y_of_t(out, jnp) if self.config.targets.transform == "t_statistic" else out
 
     def _loss(self, params, data, rows, weights, spec, key):
+        """The member's weighted mean loss over a batch of rows (`weights`: 0 for padding)."""
         pred = self.outputs(params, data.tables, spec.fold, data.cell_index[rows], data.compound_index[rows], spec, key)
         target = data.row_targets(spec.fold, rows)
         if data.decoder is not None and data.component_targets is None:
             pred = data.decoder.decode(spec.fold, pred)
-        if data.row_weight is not None:
-            weights = weights * data.row_weight[rows]
         loss = jnp.sum(self.loss(pred, target) * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
         if "l2" in self.options:  # the loss is a mean over the member's rows and outputs: so is the prior
             n_observations = jnp.sum(spec.train_mask) * pred.shape[-1]
@@ -215,7 +214,10 @@ class Ensemble:
         order = jnp.argsort(jnp.where(spec.train_mask, jax.random.uniform(key, (n_rows,)), 2.0))
         slots = jnp.arange(steps * batch_size)
         rows = order[slots % n_rows].reshape(steps, batch_size)
-        weights = (slots < jnp.sum(spec.train_mask)).astype(jnp.float32).reshape(steps, batch_size)
+        n_train = jnp.sum(spec.train_mask)
+        weights = (slots < n_train).astype(jnp.float32).reshape(steps, batch_size)
+        if data.row_weight is not None:  # pseudo-labelled rows: in the gradient and the epoch's loss alike
+            weights = weights * data.row_weight[rows]
 
         noise_key = self.member_key(spec, _NOISE, state.epoch)  # folded with the step below
         rounding_key = self.member_key(spec, _ROUNDING, state.epoch) if self.config.precision == "bf16_state" else None
@@ -227,7 +229,7 @@ class Ensemble:
             step_key = jax.random.fold_in(noise_key, index)
             loss, grads = grad_fn(self._loss, params, data, batch_rows, batch_weights, spec, step_key)
             # Stopped members and empty batches (fewer training rows) leave the member untouched.
-            active = jnp.logical_and(state.stopped_at < 0, jnp.sum(batch_weights) > 0)
+            active = jnp.logical_and(state.stopped_at < 0, index * batch_size < n_train)
             rounding_seed = None
             if rounding_key is not None:
                 rounding_seed = jax.random.bits(jax.random.fold_in(rounding_key, index), (), jnp.uint32)
@@ -236,7 +238,7 @@ class Ensemble:
 
         batches = (jnp.arange(steps), rows, weights)
         (params, opt_state), weighted_losses = jax.lax.scan(step, (state.params, state.opt_state), batches)
-        train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1.0)
+        train_loss = jnp.sum(weighted_losses) / jnp.maximum(jnp.sum(weights), 1e-6)
         if trained is not None:
             params = self._center_row_scale(params, trained)
 
