@@ -116,7 +116,7 @@ class Chunk(NamedTuple):
 def compile_chunk(w, data, members, variant, member_table=None):
     """The chunk program of `members` training on workload `w` in `variant`, compiled."""
     config = config_for(w, members, variant)
-    table = member_table or MemberTable.from_config(config)
+    table = member_table or MemberTable.from_config(config, config.folds)
     fold_of_row = kfold_assignment(w["rows"], config.folds, config.seed)
     specs, _, steps = member_specs(config, table, fold_of_row)
     specs = jax.tree.map(jnp.asarray, specs)
@@ -161,7 +161,7 @@ def roofline(w, result, bandwidth):
 def jax_sequential(w, data, members):
     """The same compiled chunk, one member at a time from a Python loop."""
     config = config_for(w, members, "fp32")
-    table = MemberTable.from_config(config)
+    table = MemberTable.from_config(config, config.folds)
     total = 0.0
     for i in range(members):
         one = run_ensemble(w, data, 1, "fp32", member_table=table.take([i]))

@@ -133,7 +133,7 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_er
     feature_tables = FeatureTables(**{k: jnp.asarray(tables[f"features.{k}"])
                                       for k in ("cell", "compound", "fold_cell", "fold_compound")})
     engine = compiled_ensemble(config, feature_tables.layout, len(meta["genes"]))
-    specs, _, _ = member_specs(config, MemberTable.from_config(config), kfold_assignment(614, config.folds, config.seed))
+    specs, _, _ = member_specs(config, MemberTable.from_config(config, config.folds), kfold_assignment(614, config.folds, config.seed))
     params = {k[len("params."):]: v for k, v in named.items() if k.startswith("params.")}
     stacked = unflatten(jax.eval_shape(engine.init, specs).params, params)
     queries = pd.read_csv(id_map)

@@ -29,7 +29,7 @@ def member_leaves(state, i):
 
 def test_sweep_is_the_product_of_members_and_values():
     config = load_config(None, ["ensemble=3", "folds=3", "sweep.learning_rate=[1e-3, 1e-2]", "sweep.dropout=[0.0, 0.2]"])
-    table = MemberTable.from_config(config)
+    table = MemberTable.from_config(config, config.folds)
     assert len(table) == 12
     combos = {(float(lr), float(d)) for lr, d in zip(table.hparams["learning_rate"], table.hparams["dropout"])}
     assert combos == {(np.float32(a), np.float32(b)) for a in (1e-3, 1e-2) for b in (0.0, 0.2)}
@@ -42,12 +42,12 @@ def test_a_members_seed_and_fold_and_the_runs_seed_reach_its_keys():
     (config.seed), which is an input of the same compiled program, not a recompile."""
     def initial_params(seed):
         config = load_config(None, BASE + ["ensemble=6", f"seed={seed}"])
-        specs = member_specs(config, MemberTable.from_config(config), kfold_assignment(30, 3, 0))[0]
+        specs = member_specs(config, MemberTable.from_config(config, config.folds), kfold_assignment(30, 3, 0))[0]
         ensemble = compiled_ensemble(config, (1, 1, 0, 0), 4)
         params = ensemble.init(jax.tree.map(jnp.asarray, specs)).params
         return ensemble, np.concatenate([np.asarray(leaf).reshape(6, -1) for leaf in jax.tree.leaves(params)], axis=1)
 
-    members = MemberTable.from_config(load_config(None, BASE + ["ensemble=6"]))
+    members = MemberTable.from_config(load_config(None, BASE + ["ensemble=6"]), 3)
     assert list(members.fold[[0, 3, 1]]) == [0, 0, 1] and list(members.seed[[0, 3, 1]]) == [0, 1, 0]
     (ensemble, flat), (other_ensemble, other_seed) = initial_params(0), initial_params(1)
     assert not np.allclose(flat[0], flat[3]) and not np.allclose(flat[0], flat[1])
@@ -107,7 +107,7 @@ def test_diverging_member_is_frozen_at_its_best_and_others_are_unaffected():
     assert np.isfinite(result.test_predictions).all()
     for i in (2, 3):  # frozen at the best params (init params if no finite epoch): finite
         assert all(np.isfinite(leaf).all() for leaf in member_leaves(result.state, i))
-    healthy = train_ensemble(config, train, members=MemberTable.from_config(config).take([0, 1]))
+    healthy = train_ensemble(config, train, members=MemberTable.from_config(config, config.folds).take([0, 1]))
     for i in (0, 1):
         for a, b in zip(member_leaves(result.state, i), member_leaves(healthy.state, i)):
             np.testing.assert_allclose(a, b, atol=1e-6)

@@ -26,9 +26,9 @@ class MemberTable:
     scheme: str = "kfold"  # the CV scheme the folds belong to (config.cv)
 
     @classmethod
-    def from_config(cls, config, n_folds=None):
-        """`n_folds`: the scheme's fold count (scp_jax.engine.cv.Folds.n_folds); default config.folds."""
-        n_folds = config.folds if n_folds is None else n_folds
+    def from_config(cls, config, n_folds):
+        """`n_folds`: the scheme's fold count (scp_jax.engine.cv.Folds.n_folds), which only kfold takes
+        from config.folds as it is (0 for "full")."""
         grid = [getattr(config.sweep, name) or (config.hyperparameter(name),) for name in HYPERPARAMETERS]
         rows = [
             (i // n_folds, i % n_folds, combo) if n_folds else (i, 0, combo)
