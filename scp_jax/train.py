@@ -231,20 +231,17 @@ def main(argv=None):
     run_dir = Path(broadcast_text(chosen))  # a default --out is a timestamp: process 0's
 
     start = time.perf_counter()
-    checkpointer = None
     try:
         if writer and not args.resume:
             write_text(run_dir / "config.toml", to_toml(config))
-        checkpointer = Checkpointer(run_dir / "checkpoints", config, train, resume=bool(args.resume), queries=queries)
-        log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
-        stage1_log = None
-        if writer and config.pseudo_labels.enabled:
-            stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ")
-        result = train_ensemble(config, train, queries, members=members, on_chunk=log, checkpointer=checkpointer,
-                                on_pseudo_chunk=stage1_log)
+        with Checkpointer(run_dir / "checkpoints", config, train, bool(args.resume), queries) as checkpointer:
+            log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
+            stage1_log = None
+            if writer and config.pseudo_labels.enabled:
+                stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ")
+            result = train_ensemble(config, train, queries, members=members, on_chunk=log, checkpointer=checkpointer,
+                                    on_pseudo_chunk=stage1_log)
     except BaseException as err:
-        if checkpointer is not None:
-            checkpointer.close()  # an open manager's threads would trip over the interpreter's shutdown
         if writer and not args.resume and isinstance(err, UserError):
             discard_start(run_dir, created)
         raise

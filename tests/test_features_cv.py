@@ -303,7 +303,8 @@ def test_export_and_numpy_predictor_apply_each_members_fold_tables_and_decoder(s
     config = load_config(None, ENGINE + ['features=["onehot", "target_encoding"]', "cv=b_myeloid",
                                          "target_encoding.svd=4", "checkpoint_every=3"] + model)
     queries = load_id_map(small_world / "id_map.csv", train)
-    result = train_ensemble(config, train, queries, checkpointer=Checkpointer(tmp_path / "checkpoints", config, train))
+    with Checkpointer(tmp_path / "checkpoints", config, train) as checkpointer:
+        result = train_ensemble(config, train, queries, checkpointer=checkpointer)
     (tmp_path / "config.toml").write_text(to_toml(config))  # what makes tmp_path a run dir
     arrays, manifest = export_run(tmp_path)
     assert arrays["features.fold_cell"].shape[0] == 6

@@ -232,8 +232,8 @@ def flatten_tables(tables):
 
 
 class Checkpointer:
-    """The trainer's hook: `restore(initial_state, members, tables, decoder)` before the loop, `save(epoch, state, metrics)` after
-    each chunk, `close()` at the end (waits for async saves)."""
+    """The trainer's hook: `start(initial_state, members, tables, decoder)` before the loop, `save(epoch, state, metrics)`
+    after each chunk. A context manager: leaving it waits for the async saves and closes the manager."""
 
     def __init__(self, directory, config, train, resume=False, queries=None):
         """`queries`: the id map's rows, which a pseudo-label run trains on."""
@@ -275,8 +275,9 @@ class Checkpointer:
         if saved != ours:
             raise UserError(f"{self.directory / str(step)}: checkpoint step {step} was written for other {key}")
 
-    def restore(self, state, members, tables, decoder=None):
-        """(state, epoch) to start from: the latest complete step when resuming, else (state, 0)."""
+    def start(self, state, members, tables, decoder=None):
+        """(state, epoch) to start from: the latest complete step when resuming, else (state, 0). Also
+        what every save writes beside the state (metadata, tables), and a check for disk space."""
         self.metadata = run_metadata(self.config, self.train, members, self.fingerprint)
         self.n_members = len(members)
         self.tables = run_tables(tables, self.train, decoder)
@@ -305,9 +306,12 @@ class Checkpointer:
             print(f"stalled after epoch {epoch}", flush=True)
             time.sleep(600)
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.manager.wait_until_finished()
-        self.manager.close()
+        self.manager.close()  # an open manager's threads would trip over the interpreter's shutdown
 
 
 def write_step(manager, epoch, named_state, tables, metadata, score):

@@ -133,8 +133,8 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
                    on_pseudo_chunk=None):
     """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk.
 
-    `checkpointer` (engine.checkpoint.Checkpointer) may restore the starting state and epoch and
-    saves after each chunk. With `pseudo_labels.enabled`, a first stage (reported to
+    `checkpointer` (engine.checkpoint.Checkpointer, open: its saves are durable once the caller
+    leaves it) may restore the starting state and epoch and saves after each chunk. With `pseudo_labels.enabled`, a first stage (reported to
     `on_pseudo_chunk`, not checkpointed: a resumed run recomputes it, deterministically) labels the
     queries for the second, which is the run's result.
     """
@@ -192,8 +192,6 @@ def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_
             checkpointer.save(epoch, state, metrics, last=end == config.epochs or stopping)
         if stopping:
             break  # every member stopped: nothing left to compute
-    if checkpointer is not None:
-        checkpointer.close()
     return state
 
 
@@ -232,7 +230,7 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
 
     epoch = 0
     if checkpointer is not None:
-        state, epoch = checkpointer.restore(state, members, fitted.tables, fitted.decoder)
+        state, epoch = checkpointer.start(state, members, fitted.tables, fitted.decoder)
     state = _run_chunks(config, engine, state, epoch, specs, data, steps, n, on_chunk, checkpointer)
 
     summary = to_host({"best_score": state.best_score, "best_epoch": state.best_epoch, "stopped_at": state.stopped_at,
