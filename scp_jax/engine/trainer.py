@@ -146,14 +146,15 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     placement = placement or MemberPlacement()
     fitted = _fit_folds(config, train, folds)
     stage = functools.partial(_train_stage, config, train, folds, fitted, members, placement, queries)
+    result = functools.partial(_result, config=config, train=train, folds=folds, fitted=fitted, queries=queries)
     if not config.pseudo_labels.enabled:
-        return stage(on_chunk=on_chunk, checkpointer=checkpointer)
+        return result(stage(on_chunk=on_chunk, checkpointer=checkpointer))
     if queries is None:
         raise UserError("config: pseudo_labels.enabled needs an id map: its rows are what stage 1 labels")
-    labels = stage(on_chunk=on_pseudo_chunk, pseudo_slots=True).pseudo_targets
+    labels = _pseudo_labels(stage(on_chunk=on_pseudo_chunk), queries, len(fitted.train_masks), train.targets.shape[1])
     # Stage-1 labels are predictions, mapped back from t when the loss fits t: invert that map.
     fit_labels = labels if fitted.fit_targets is None else t_of_expected_y(labels).astype(np.float32)
-    second = stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=fit_labels)
+    second = result(stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=fit_labels))
     return dataclasses.replace(second, pseudo_targets=labels)
 
 
@@ -211,18 +212,27 @@ def _stage_data(config, train, queries, fitted, pseudo_targets):
     return data
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """A trained ensemble, and how its members vote."""
+
+    members: MemberTable
+    padded: MemberTable  # the members, padded to fill every device: padding member i repeats member i % n
+    summary: dict  # per member: best_score, best_epoch, stopped_at, diverged
+    votes: np.ndarray  # [padded] bool: members that kept a best epoch
+    val_masks: np.ndarray  # [padded, n_rows] the rows each member validates
+    state: object  # MemberState on device, stacked over the padded members
+    aggregate: object  # ([padded, rows] masks, cell_index, compound_index) -> [rows, genes]: each row's voters combined
+
+
 def _train_stage(config, train, folds, fitted, members, placement, queries, on_chunk=None, checkpointer=None,
-                 pseudo_targets=None, pseudo_slots=False):
+                 pseudo_targets=None):
     """One ensemble, trained on the training rows (plus the queries, labelled per slot by
-    `pseudo_targets` [slots, q, genes], in the loss's space); `pseudo_slots` also returns each slot's
-    prediction of the queries."""
-    # Pad the member axis to fill every device; padding member i repeats member i % n and is dropped.
+    `pseudo_targets` [slots, q, genes], in the loss's space)."""
     padded = members.take(np.arange(placement.padded(len(members))) % len(members))
     n = len(members)
-    fold_of_row = folds.fold_of_row
     n_pseudo = 0 if pseudo_targets is None else len(queries.cell_index)
-    specs, val_masks, steps = member_specs(config, padded, fold_of_row, n_pseudo)
-    train_masks = fitted.train_masks
+    specs, val_masks, steps = member_specs(config, padded, folds.fold_of_row, n_pseudo)
     data = placement.replicate(_stage_data(config, train, queries, fitted, pseudo_targets))
     engine = compiled_ensemble(config, fitted.tables.layout, train.targets.shape[1], members.program_options())
     specs = placement.shard(specs)
@@ -240,46 +250,57 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
     votes = np.zeros(len(padded), bool)
     votes[:n] = summary["best_epoch"] >= 0
     weights = placement.shard(member_weights(config, np.resize(summary["best_score"], len(padded))))
-    method = config.aggregate.method
 
     def aggregate(masks, cell_index, compound_index):
-        return to_host(engine.aggregate_prediction(method, state.best_params, specs.fold, placement.shard(masks),
-                                                   weights, data.tables, data.decoder, cell_index, compound_index))
+        index = placement.replicate((cell_index, compound_index))
+        return to_host(engine.aggregate_prediction(config.aggregate.method, state.best_params, specs.fold,
+                                                   placement.shard(masks), weights, data.tables, data.decoder, *index))
 
+    return _Stage(members, padded, summary, votes, val_masks, state, aggregate)
+
+
+def _pseudo_labels(stage, queries, n_slots, n_genes):
+    """[slots, q, genes]: each slot's labels of the queries, by the members of that fold (zeros for a
+    slot no member has)."""
+    n_queries = len(queries.cell_index)
+    labels = np.zeros((n_slots, n_queries, n_genes), np.float32)
+    for slot in np.unique(stage.members.fold):
+        voters = stage.votes & (stage.padded.fold == slot)
+        if not voters.any():  # its stage-2 members would train on no labels, silently
+            raise UserError(f"pseudo labels: every stage-1 member of fold {slot} diverged (NaN/Inf) before a"
+                            " finite score, so none can label the queries for that fold's stage 2"
+                            " (lower optim.learning_rate or optim.clip_norm)")
+        labels[slot] = stage.aggregate(np.repeat(voters[:, None], n_queries, axis=1), queries.cell_index,
+                                       queries.compound_index)
+    return labels
+
+
+def _result(stage, config, train, folds, fitted, queries):
+    """The stage's TrainResult: its members' scores, out-of-fold and test predictions, the baselines."""
+    fold_of_row, votes = folds.fold_of_row, stage.votes
     clip = config.aggregate.clip_to_train_range
-    lo, hi = slot_ranges(train.targets, train_masks) if clip else (None, None)
-    real_index = placement.replicate((train.cell_index, train.compound_index))
-    oof = aggregate(val_masks & votes[:, None], *real_index)
+    lo, hi = slot_ranges(train.targets, fitted.train_masks) if clip else (None, None)
+    oof = stage.aggregate(stage.val_masks & votes[:, None], train.cell_index, train.compound_index)
     if clip:
         oof = np.clip(oof, lo[fold_of_row], hi[fold_of_row])  # a row of fold k: fold k's training range
-    test_predictions, slot_predictions = None, None
+    test_predictions = None
     if queries is not None:
-        query_index = placement.replicate((queries.cell_index, queries.compound_index))
-        n_queries = len(queries.cell_index)
-        test_predictions = aggregate(np.repeat(votes[:, None], n_queries, axis=1), *query_index)
+        test_predictions = stage.aggregate(np.repeat(votes[:, None], len(queries.cell_index), axis=1),
+                                           queries.cell_index, queries.compound_index)
         if clip:
             test_predictions = np.clip(test_predictions, lo[-1], hi[-1])  # the last slot trains on all rows
-        if pseudo_slots:
-            slot_predictions = np.zeros((len(train_masks), n_queries, train.targets.shape[1]), np.float32)
-            for slot in np.unique(members.fold):
-                voters = votes & (padded.fold == slot)
-                if not voters.any():  # its stage-2 members would train on no labels, silently
-                    raise UserError(f"pseudo labels: every stage-1 member of fold {slot} diverged (NaN/Inf) before a"
-                                    " finite score, so none can label the queries for that fold's stage 2"
-                                    " (lower optim.learning_rate or optim.clip_norm)")
-                slot_predictions[slot] = aggregate(np.repeat(voters[:, None], n_queries, axis=1), *query_index)
-    validated = np.isin(fold_of_row, members.fold[votes[:n]])
+    voting_folds = stage.members.fold[votes[:len(stage.members)]]
+    validated = np.isin(fold_of_row, voting_folds)
     return TrainResult(
-        members=members,
+        members=stage.members,
         folds=folds,
-        member_cv=summary["best_score"],
-        best_epoch=summary["best_epoch"],
-        stopped_epoch=summary["stopped_at"],
-        diverged=summary["diverged"],
+        member_cv=stage.summary["best_score"],
+        best_epoch=stage.summary["best_epoch"],
+        stopped_epoch=stage.summary["stopped_at"],
+        diverged=stage.summary["diverged"],
         ensemble_cv=mrrmse(train.targets[validated], oof[validated]) if validated.any() else None,
-        baseline_cv=baseline_cv(train, fold_of_row, np.unique(members.fold[votes[:n]])),
+        baseline_cv=baseline_cv(train, fold_of_row, np.unique(voting_folds)),
         oof_predictions=oof,
         test_predictions=test_predictions,
-        state=state,
-        pseudo_targets=slot_predictions,
+        state=stage.state,
     )
