@@ -134,9 +134,9 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk.
 
     `checkpointer` (engine.checkpoint.Checkpointer, open: its saves are durable once the caller
-    leaves it) may restore the starting state and epoch and saves after each chunk. With `pseudo_labels.enabled`, a first stage (reported to
-    `on_pseudo_chunk`, not checkpointed: a resumed run recomputes it, deterministically) labels the
-    queries for the second, which is the run's result.
+    leaves it) may restore the starting state and epoch and saves after each chunk. With
+    `pseudo_labels.enabled`, a first stage (reported to `on_pseudo_chunk`, not checkpointed: a resumed
+    run recomputes it, deterministically) labels the queries for the second, which is the run's result.
     """
     folds = make_folds(config.cv, train, config.folds, config.seed)
     members = MemberTable.from_config(config, folds.n_folds) if members is None else members
