@@ -82,7 +82,10 @@ def test_fused_update_lowers_to_triton_for_a_gpu(monkeypatch, capsys, dtype):
             jax.ShapeDtypeStruct((members,), jnp.bool_), jax.ShapeDtypeStruct((members,), jnp.uint32))
     monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))  # prints the Triton IR
     triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    exported = jax.export.export(jax.jit(jax.vmap(update)), platforms=["cuda"], disabled_checks=[triton])(*args)
+    # No GPU here: name one (jax 0.12 takes the compute capability from it; 0.10 assumes 9.0, the H200's).
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=gpu)):
+        exported = jax.export.export(jax.jit(jax.vmap(update)), platforms=["cuda"], disabled_checks=[triton])(*args)
     assert "xla.gpu.triton" in exported.mlir_module()
     state_pointers = [line for line in capsys.readouterr().out.splitlines()
                       if "tt.addptr" in line and ("masked_load" in line or "masked_swap" in line)]
