@@ -7,6 +7,7 @@ import pytest
 
 from scp_jax.config import load_config
 from scp_jax.engine.ensemble import compiled_ensemble
+from scp_jax.engine.losses import dense_weight_norm
 from scp_jax.engine.members import MemberTable
 from scp_jax.engine.trainer import train_ensemble
 from scp_jax.errors import UserError
@@ -89,13 +90,14 @@ def test_pseudo_labels_of_a_fold_come_from_that_folds_members_only(transform):
     assert not np.allclose(result.test_predictions, first_stage.test_predictions, atol=1e-3)
 
 
-def test_epoch_train_loss_is_the_weighted_mean_of_its_rows_losses():
+def test_epoch_train_loss_is_the_weighted_mean_of_its_rows_losses_and_the_prior():
     """At a vanishing learning rate the parameters stay at their init through the epoch, so its train
     loss is a fixed mean over the member's training rows, each with its loss weight: a pseudo-labelled
-    row counts pseudo_labels.weight, as in the gradient (it counted 1; float64 reference)."""
+    row counts pseudo_labels.weight, as in the gradient (it counted 1; float64 reference). The l2
+    prior is worth l2 observations per weight among the rows' weighted observations."""
     train, queries = toy_train(), toy_queries(toy_train(), n=16)
     config = load_config(None, BASE + ["ensemble=6", "epochs=1", "epochs_per_chunk=1", "optim.learning_rate=1e-30",
-                                       "pseudo_labels.enabled=true", "pseudo_labels.weight=0.25"])
+                                       "optim.l2=3.0", "pseudo_labels.enabled=true", "pseudo_labels.weight=0.25"])
     losses = []
     result = train_ensemble(config, train, queries, on_chunk=lambda e, m, s: losses.append(m["train_loss"][:, 0]))
     tables = build_tables(config, train, result.folds.train_masks())
@@ -107,7 +109,9 @@ def test_epoch_train_loss_is_the_weighted_mean_of_its_rows_losses():
     for member, fold in enumerate(folds):
         targets = np.concatenate([train.targets, result.pseudo_targets[fold]]).astype(np.float64)
         weights = np.concatenate([result.folds.train_masks()[fold], np.full(len(queries.cell_index), 0.25)])
+        prior = 3.0 * float(dense_weight_norm(jax.tree.map(lambda x: x[member], result.state.params)))
         want = np.average(np.mean((preds[member] - targets) ** 2, axis=1), weights=weights)
+        want += prior / (np.sum(weights) * train.targets.shape[1])
         np.testing.assert_allclose(losses[0][member], want, rtol=1e-5, err_msg=f"member {member}")
 
 

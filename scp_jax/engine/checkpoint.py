@@ -310,8 +310,10 @@ class Checkpointer:
         return self
 
     def __exit__(self, *exc):
-        self.manager.wait_until_finished()
-        self.manager.close()  # an open manager's threads would trip over the interpreter's shutdown
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()  # an open manager's threads would trip over the interpreter's shutdown
 
 
 def write_step(manager, epoch, named_state, tables, metadata, score):

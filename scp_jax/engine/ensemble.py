@@ -193,14 +193,16 @@ class Ensemble:
         return expected_y_of_t(out, jnp) if self.config.targets.transform == "t_statistic" else out
 
     def _loss(self, params, data, rows, weights, spec, key):
-        """The member's weighted mean loss over a batch of rows (`weights`: 0 for padding)."""
+        """The member's mean loss over a batch of rows, weighted by `weights` (a row's pseudo-label weight,
+        0 for padding), plus its l2 prior."""
         pred = self.outputs(params, data.tables, spec.fold, data.cell_index[rows], data.compound_index[rows], spec, key)
         target = data.row_targets(spec.fold, rows)
         if data.decoder is not None and data.component_targets is None:
             pred = data.decoder.decode(spec.fold, pred)
         loss = jnp.sum(self.loss(pred, target) * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
-        if "l2" in self.options:  # the loss is a mean over the member's rows and outputs: so is the prior
-            n_observations = jnp.sum(spec.train_mask) * pred.shape[-1]
+        if "l2" in self.options:  # the loss is a mean over the member's weighted rows and outputs: so is the prior
+            row_weight = spec.train_mask if data.row_weight is None else spec.train_mask * data.row_weight
+            n_observations = jnp.sum(row_weight) * pred.shape[-1]
             loss = loss + spec.hparams["l2"] * dense_weight_norm(params) / n_observations
         return loss
 

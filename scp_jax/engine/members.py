@@ -27,8 +27,8 @@ class MemberTable:
 
     @classmethod
     def from_config(cls, config, n_folds):
-        """`n_folds`: the scheme's fold count (scp_jax.engine.cv.Folds.n_folds), which only kfold takes
-        from config.folds as it is (0 for "full")."""
+        """`n_folds`: the scheme's fold count, make_folds(...).n_folds: config.folds for kfold only (0 for
+        "full")."""
         grid = [getattr(config.sweep, name) or (config.hyperparameter(name),) for name in HYPERPARAMETERS]
         rows = [
             (i // n_folds, i % n_folds, combo) if n_folds else (i, 0, combo)

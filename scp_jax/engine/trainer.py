@@ -146,15 +146,15 @@ def train_ensemble(config, train, queries=None, members=None, on_chunk=None, pla
     placement = placement or MemberPlacement()
     fitted = _fit_folds(config, train, folds)
     stage = functools.partial(_train_stage, config, train, folds, fitted, members, placement, queries)
-    result = functools.partial(_result, config=config, train=train, folds=folds, fitted=fitted, queries=queries)
+    to_result = functools.partial(_result, config=config, train=train, folds=folds, fitted=fitted, queries=queries)
     if not config.pseudo_labels.enabled:
-        return result(stage(on_chunk=on_chunk, checkpointer=checkpointer))
+        return to_result(stage(on_chunk=on_chunk, checkpointer=checkpointer))
     if queries is None:
         raise UserError("config: pseudo_labels.enabled needs an id map: its rows are what stage 1 labels")
     labels = _pseudo_labels(stage(on_chunk=on_pseudo_chunk), queries, len(fitted.train_masks), train.targets.shape[1])
     # Stage-1 labels are predictions, mapped back from t when the loss fits t: invert that map.
     fit_labels = labels if fitted.fit_targets is None else t_of_expected_y(labels).astype(np.float32)
-    second = result(stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=fit_labels))
+    second = to_result(stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=fit_labels))
     return dataclasses.replace(second, pseudo_targets=labels)
 
 
