@@ -123,6 +123,7 @@ CATEGORIES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}  # member tables s
 AGGREGATES = ("mean", "median", "weighted")
 TARGET_TRANSFORMS = ("none", "t_statistic")
 PRECISIONS = ("fp32", "bf16", "bf16_state")  # scp_jax/precision.py; here so reading a config needs no jax
+MAX_EPOCHS = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +169,8 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
+        if self.epochs > MAX_EPOCHS:  # an int32 counter on device; and the host walks every epoch
+            raise UserError(f"config: epochs must be <= {MAX_EPOCHS}, got {self.epochs}")
         if not 0 <= self.seed < 2**31:  # it enters the compiled program as an int32
             raise UserError(f"config: seed must be in [0, 2**31), got {self.seed}")
         if self.data.synth_seed < 0:
@@ -264,8 +267,8 @@ def _coerce(key, value, kind):
         return tuple(_coerce(f"{key}[{i}]", v, item_kind) for i, v in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is float and isinstance(value, float) and math.isnan(value):
-        raise UserError(f"config: {key} must be a number, got nan")
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config: {key} must be a finite number, got {value}")
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise UserError(f"config: {key} must be {kind.__name__}, got {value!r}")
     return value

@@ -124,10 +124,17 @@ def discard_start(run_dir, created):
 
 
 def truncate_metrics(path, epoch):
-    """Drop metrics.jsonl lines after `epoch` (atomically): a resumed run rewrites them."""
+    """Drop metrics.jsonl lines after `epoch` (atomically): a resumed run rewrites them. A line that is
+    not a whole record (a run killed while appending it) is dropped too: it is past the checkpoint."""
     if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        write_text(path, "".join(line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch))
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["epoch"] <= epoch:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        write_text(path, "".join(kept))
 
 
 class ChunkLog:

@@ -56,7 +56,8 @@ def kill_when_stalled(process, epoch):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A straight 6-epoch run, and one SIGKILLed after epoch 4 (checkpoint 3 on disk) then resumed."""
+    """A straight 6-epoch run, and one SIGKILLed after epoch 4 (checkpoint 3 on disk; a half-written
+    metrics line after it) then resumed."""
     tmp = tmp_path_factory.mktemp("runs")
     world = make_world(tmp / "world", genes=32, seed=0)
     data = ["--data", world / "de_train.parquet"]
@@ -66,6 +67,8 @@ def runs(tmp_path_factory):
     resumed = tmp / "resumed"
     assert latest_step(resumed / "checkpoints") == 3
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 4  # epoch 4 logged, not checkpointed
+    with (resumed / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 5, "train_loss": [2.7')  # as if killed while appending epoch 5
     # A half-written step 6 (Orbax's tmp dir, never renamed) must never be picked up.
     (resumed / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000").mkdir()
     (resumed / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000" / "junk").write_text("half")

@@ -145,6 +145,16 @@ def test_id_map_duplicate_id(cli_error, world):
     cli_error(main, ["check", world / "de_train.parquet", path], "duplicate id 1", "rows 1 and 9")
 
 
+def test_gene_named_like_the_submission_key(cli_error, world):
+    path = rewrite_train(world, lambda f: f.rename(columns={f.columns[5]: "id"}))
+    cli_error(main, ["check", path], "a gene column is named 'id'")
+
+
+def test_id_map_without_rows(cli_error, world):
+    path = rewrite_id_map(world, lambda f: f.iloc[:0])
+    cli_error(main, ["check", world / "de_train.parquet", path], "id_map.csv: no rows")
+
+
 def test_id_map_missing_column(cli_error, world):
     path = rewrite_id_map(world, lambda f: f.drop(columns="cell_type"))
     cli_error(main, ["check", world / "de_train.parquet", path], "id_map.csv", "missing required column 'cell_type'")

@@ -124,6 +124,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, cli_error):
     assert error == (f"error: {data}: column 'SMILES' has invalid SMILES "
                      "'C1CC(not a molecule' for compound 'Broken' (first at row 2)")
     assert not list(tmp_path.glob("*.npz"))
+    error = cli_error(features_main, ["morgan", "--bits", "100000000000", "--data", data, "--out", tmp_path / "f.npz"])
+    assert "bits in [1, 65536], got radius=2, bits=100000000000" in error
 
 
 @pytest.mark.parametrize("features, message", [

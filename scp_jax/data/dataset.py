@@ -155,6 +155,8 @@ def load_train(path) -> TrainSet:
     genes = _gene_names(table.column_names)
     if not genes:
         raise UserError(f"{path}: no gene columns (only {', '.join(table.column_names)})")
+    if "id" in genes:  # a submission's key column
+        raise UserError(f"{path}: a gene column is named 'id', the name of a submission's key column")
     if table.num_rows == 0:
         raise UserError(f"{path}: no rows")
 
@@ -219,6 +221,8 @@ def read_id_map(path):
     for column in ID_MAP_COLUMNS:
         if column not in frame.columns:
             raise UserError(f"{path}: missing required column '{column}'")
+    if frame.empty:
+        raise UserError(f"{path}: no rows: nothing to predict")
     for column in ID_MAP_COLUMNS:
         missing = frame[column].isna().to_numpy()
         if missing.any():

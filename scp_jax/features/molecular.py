@@ -7,6 +7,8 @@ import numpy as np
 
 from scp_jax.errors import UserError
 
+MAX_MORGAN_BITS = 65536  # a float32 column per bit: beyond this the table, not the chemistry, grows
+
 
 class InvalidSmiles(UserError):
     """An unparsable SMILES; `smiles_errors_of` turns it into a message naming the training file's row."""
@@ -47,8 +49,9 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius=2, n_bits=2048, counts=
     """Folded Morgan (ECFP-like) fingerprints: 0/1 bits, or per-bit environment counts."""
     from rdkit.Chem import rdFingerprintGenerator
 
-    if radius < 0 or n_bits < 1:
-        raise UserError(f"Morgan fingerprints need radius >= 0 and bits >= 1, got radius={radius}, bits={n_bits}")
+    if radius < 0 or not 1 <= n_bits <= MAX_MORGAN_BITS:
+        raise UserError(f"Morgan fingerprints need radius >= 0 and bits in [1, {MAX_MORGAN_BITS}],"
+                        f" got radius={radius}, bits={n_bits}")
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
     fingerprint = generator.GetCountFingerprintAsNumPy if counts else generator.GetFingerprintAsNumPy
     molecules = parse_smiles(smiles)
