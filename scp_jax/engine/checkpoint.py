@@ -71,8 +71,10 @@ def place_like(state, named, n_members):
     return unflatten(state, leaves)
 
 
-def open_manager(directory, config=None):
-    """A manager that writes (given the run's config: creates the dir, applies the keep policy) or only reads."""
+def open_manager(directory, config=None, clean=False):
+    """A manager that writes (given the run's config: creates the dir, applies the keep policy) or only reads.
+    `clean`: remove the temporary folders of saves a killed run left, a resume's job (a new run has none,
+    and Orbax cleans in a thread that would race a failed start's removal of the run dir)."""
     keep = None
     score = operator.itemgetter(SCORE)
     if config is not None:
@@ -85,7 +87,7 @@ def open_manager(directory, config=None):
     # them a resumed run's BestN saw every earlier step as unscored and kept it forever.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=keep, best_fn=score, best_mode="min", create=config is not None,
-        cleanup_tmp_directories=config is not None
+        cleanup_tmp_directories=clean
     )
     handlers = {STATE: ocp.StandardCheckpointHandler(), TABLES: ocp.StandardCheckpointHandler(),
                 METADATA: ocp.JsonCheckpointHandler()}
@@ -239,7 +241,7 @@ class Checkpointer:
         """`queries`: the id map's rows, which a pseudo-label run trains on."""
         self.directory, self.config, self.train, self.resume = Path(directory), config, train, resume
         self.fingerprint = data_fingerprint(train, queries if config.pseudo_labels.enabled else None)
-        self.manager = open_manager(self.directory, config)
+        self.manager = open_manager(self.directory, config, clean=resume)
         if resume:
             try:
                 self.step = latest_step(self.directory)
