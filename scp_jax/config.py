@@ -186,6 +186,9 @@ class Config:
                 raise UserError(f"config: model.{key} must be >= 1, got {value}")
         if not self.model.hidden or min(self.model.hidden) < 1:
             raise UserError(f"config: model.hidden must be a non-empty list of widths >= 1, got {list(self.model.hidden)}")
+        repeated = sorted({name for name in self.features if self.features.count(name) > 1})
+        if repeated:
+            raise UserError(f"config: features lists {', '.join(map(repr, repeated))} more than once")
         if self.model.row_scale and (self.model.kind != "factorized" or list(self.features) != ["onehot"]):
             raise UserError("config: model.row_scale needs model.kind = 'factorized' and features = ['onehot']"
                             f" (a size per (cell type, compound) pair), got {self.model.kind!r} and {list(self.features)}")

@@ -34,6 +34,7 @@ def test_overrides_and_round_trip(tmp_path):
         ("loss.huber_delta=inf", "loss.huber_delta must be a finite number, got inf"),
         ("sweep.learning_rate=[1e-3, -inf]", r"sweep.learning_rate\[1\] must be a finite number, got -inf"),
         ("epochs=10000000000", "epochs must be <= 1000000, got 10000000000"),
+        ("features=['onehot', 'morgan', 'onehot']", "features lists 'onehot' more than once"),
         ("sweep.optimizer=['adamw', 'sgd']", "sweep.optimizer must be one of adamw, lion, got 'sgd'"),
         ("seed=-1", r"seed must be in \[0, 2\*\*31\), got -1"),
         ("seed=2147483648", r"seed must be in \[0, 2\*\*31\)"),
