@@ -192,18 +192,16 @@ class Ensemble:
         out = out if decoder is None else decoder.decode(fold, out)
         return expected_y_of_t(out, jnp) if self.config.targets.transform == "t_statistic" else out
 
-    def _loss(self, params, data, rows, weights, spec, key):
+    def _loss(self, params, data, rows, weights, row_mass, spec, key):
         """The member's mean loss over a batch of rows, weighted by `weights` (a row's pseudo-label weight,
-        0 for padding), plus its l2 prior."""
+        0 for padding), plus its l2 prior; `row_mass`: the weights of all its training rows, summed."""
         pred = self.outputs(params, data.tables, spec.fold, data.cell_index[rows], data.compound_index[rows], spec, key)
         target = data.row_targets(spec.fold, rows)
         if data.decoder is not None and data.component_targets is None:
             pred = data.decoder.decode(spec.fold, pred)
         loss = jnp.sum(self.loss(pred, target) * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
         if "l2" in self.options:  # the loss is a mean over the member's weighted rows and outputs: so is the prior
-            row_weight = spec.train_mask if data.row_weight is None else spec.train_mask * data.row_weight
-            n_observations = jnp.sum(row_weight) * pred.shape[-1]
-            loss = loss + spec.hparams["l2"] * dense_weight_norm(params) / n_observations
+            loss = loss + spec.hparams["l2"] * dense_weight_norm(params) / (row_mass * pred.shape[-1])
         return loss
 
     def _epoch(self, state, spec, data, steps, trained=None):
@@ -220,6 +218,7 @@ class Ensemble:
         weights = (slots < n_train).astype(jnp.float32).reshape(steps, batch_size)
         if data.row_weight is not None:  # pseudo-labelled rows: in the gradient and the epoch's loss alike
             weights = weights * data.row_weight[rows]
+        row_mass = n_train if data.row_weight is None else jnp.sum(spec.train_mask * data.row_weight)
 
         noise_key = self.member_key(spec, _NOISE, state.epoch)  # folded with the step below
         rounding_key = self.member_key(spec, _ROUNDING, state.epoch) if self.config.precision == "bf16_state" else None
@@ -229,7 +228,7 @@ class Ensemble:
             params, opt_state = carry
             index, batch_rows, batch_weights = batch
             step_key = jax.random.fold_in(noise_key, index)
-            loss, grads = grad_fn(self._loss, params, data, batch_rows, batch_weights, spec, step_key)
+            loss, grads = grad_fn(self._loss, params, data, batch_rows, batch_weights, row_mass, spec, step_key)
             # Stopped members and empty batches (fewer training rows) leave the member untouched.
             active = jnp.logical_and(state.stopped_at < 0, index * batch_size < n_train)
             rounding_seed = None
