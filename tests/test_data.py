@@ -179,6 +179,32 @@ def test_submission_round_trip(small_world, tmp_path):
     assert pd.read_csv(tmp_path / "sub.csv").columns.tolist() == ["id", *train.genes]
 
 
+def test_id_map_text_is_kept_as_written(world, tmp_path):
+    """Ids with leading zeros stay text (written back as they came, not as 7), and a compound named
+    'NA' is a compound, not a missing cell (pandas reads both as other values by default)."""
+    compound = pd.read_csv(world / "id_map.csv")["sm_name"][4]
+    rewrite_train(world, lambda f: f.assign(sm_name=f["sm_name"].replace(compound, "NA")))
+    (world / "id_map.csv").write_text("".join(
+        line if row == 0 else f"{row - 1:03d},{line.split(',', 1)[1]}".replace(f",{compound}\n", ",NA\n")
+        for row, line in enumerate((world / "id_map.csv").read_text().splitlines(keepends=True))))
+    train = load_train(world / "de_train.parquet")
+    queries = load_id_map(world / "id_map.csv", train)
+    assert queries.ids[7] == "007" and queries.sm_name[4] == "NA"
+    assert train.compounds[queries.compound_index[4]] == "NA"
+    predictions = np.arange(len(queries.ids) * len(train.genes), dtype=np.float32).reshape(len(queries.ids), -1)
+    write_submission(tmp_path / "sub.csv", queries.ids, train.genes, predictions)
+    assert (tmp_path / "sub.csv").read_text().splitlines()[8].startswith('"007",')
+    np.testing.assert_array_equal(read_submission(tmp_path / "sub.csv", queries.ids, train.genes), predictions)
+
+
+def test_submission_with_an_empty_id(tmp_path):
+    from scp_jax.errors import UserError
+
+    (tmp_path / "sub.csv").write_text("id,A\n0,1.0\n,2.0\n")
+    with pytest.raises(UserError, match=r"sub.csv: column 'id' is empty at row 1$"):
+        read_submission(tmp_path / "sub.csv", np.arange(2), ("A",))
+
+
 def test_write_submission_refuses_non_finite(tmp_path):
     from scp_jax.errors import UserError
 

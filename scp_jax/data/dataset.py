@@ -5,6 +5,7 @@ Every problem with a user's file is a UserError whose one-line message names the
 and the row, so a bad input is fixed from the message alone rather than from a traceback.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,21 +204,36 @@ def _index_into(values, vocabulary):
     return np.fromiter((position[v] for v in values), dtype=np.int32, count=len(values))
 
 
-def read_csv(path):
-    """A CSV file as a DataFrame; a missing or unreadable file is a one-line UserError."""
+def read_csv(path, text=()):
+    """A CSV file as a DataFrame; a missing or unreadable file is a one-line UserError. The cells of the
+    `text` columns are kept as written, not parsed: '007' is not 7 and a compound named 'NA' is not
+    missing; only an empty cell is."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        return pd.read_csv(path)
+        frame = pd.read_csv(path)
+        text = [column for column in text if column in frame.columns]
+        if text:
+            frame[text] = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False, na_values=[""])
+        return frame
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a readable CSV file ({_first_line(err)})") from None
+
+
+def parse_ids(text):
+    """An id column's values from their text: integers when every id is written as one (Kaggle's 0..254,
+    so a submission writes them back unquoted), else the text itself ('007' stays '007')."""
+    text = np.asarray(text, dtype=object)
+    if all(re.fullmatch(r"-?(0|[1-9][0-9]{0,17})", value) for value in text):
+        return text.astype(np.int64)
+    return text
 
 
 def read_id_map(path):
     """(ids, cell types, compounds) of an id map, checked alike for training and prediction: a readable
     CSV with the three columns, no empty cell, no repeated id."""
     path = Path(path)
-    frame = read_csv(path)
+    frame = read_csv(path, text=ID_MAP_COLUMNS)
     for column in ID_MAP_COLUMNS:
         if column not in frame.columns:
             raise UserError(f"{path}: missing required column '{column}'")
@@ -227,13 +243,13 @@ def read_id_map(path):
         missing = frame[column].isna().to_numpy()
         if missing.any():
             raise UserError(f"{path}: column '{column}' is empty at row {int(np.flatnonzero(missing)[0])}")
-    ids = frame["id"].to_numpy()
+    ids = parse_ids(frame["id"])
     duplicated = frame["id"].duplicated().to_numpy()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
         first = int(np.flatnonzero(ids == ids[row])[0])
         raise UserError(f"{path}: duplicate id {show(ids[row])} at rows {first} and {row}")
-    return ids, *(frame[column].astype(str).to_numpy(dtype=object) for column in ("cell_type", "sm_name"))
+    return ids, *(frame[column].to_numpy(dtype=object) for column in ("cell_type", "sm_name"))
 
 
 def id_map_index(path, column, values, vocabulary, source):

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from scp_jax import metrics
-from scp_jax.data.dataset import load_id_map, load_train, read_csv, show
+from scp_jax.data.dataset import load_id_map, load_train, parse_ids, read_csv, show
 from scp_jax.errors import UserError
 
 ORACLES = ("oracle", "effect_oracle")  # hidden/NAME.parquet, scored when the world has it
@@ -32,10 +32,14 @@ def read_answers(path, genes, ids):
 def read_submission(path, ids, genes):
     """Read a submission CSV and return its predictions [ids, genes] in the given order."""
     path = Path(path)
-    frame = read_csv(path)
+    frame = read_csv(path, text=("id",))
     columns, expected = set(frame.columns), set(genes)
     if "id" not in columns:
         raise UserError(f"{path}: missing column 'id'")
+    missing = frame["id"].isna().to_numpy()
+    if missing.any():
+        raise UserError(f"{path}: column 'id' is empty at row {int(np.flatnonzero(missing)[0])}")
+    frame["id"] = parse_ids(frame["id"])
     missing = [g for g in genes if g not in columns]
     if missing:
         raise UserError(f"{path}: missing {len(missing)} gene column(s), first '{missing[0]}'")
