@@ -37,9 +37,10 @@ import numpy as np
 from scp_jax.atomic import write_text
 from scp_jax.config import load_config
 from scp_jax.engine import lowrank
+from scp_jax.engine.cv import kfold_assignment
 from scp_jax.engine.ensemble import Data, Ensemble
 from scp_jax.engine.members import MemberTable
-from scp_jax.engine.trainer import kfold_assignment, member_specs
+from scp_jax.engine.trainer import member_specs
 from scp_jax.features.tables import FeatureTables
 
 ACCESSES_PER_STEP = {"dense": 11, "xla": 10, "pallas": 8}  # by how the update gets dW

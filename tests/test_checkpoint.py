@@ -110,9 +110,10 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_er
 
     from scp_jax.config import load_config
     from scp_jax.engine.checkpoint import unflatten
+    from scp_jax.engine.cv import kfold_assignment
     from scp_jax.engine.ensemble import compiled_ensemble
     from scp_jax.engine.members import MemberTable
-    from scp_jax.engine.trainer import kfold_assignment, member_specs
+    from scp_jax.engine.trainer import member_specs
     from scp_jax.export import export_run, main as export_main, write_npz
     from scp_jax.features.tables import FeatureTables
     from scp_jax.predict import main as predict_main

@@ -1,7 +1,8 @@
 import numpy as np
 
 from scp_jax.config import load_config
-from scp_jax.engine.trainer import kfold_assignment, train_ensemble
+from scp_jax.engine.cv import kfold_assignment
+from scp_jax.engine.trainer import train_ensemble
 from toy import toy_queries, toy_train
 
 CONFIG = ["model.hidden=[16]", "batch_size=8", "epochs=6", "epochs_per_chunk=4", "folds=3"]

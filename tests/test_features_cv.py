@@ -181,6 +181,23 @@ def test_b_myeloid_refuses_data_whose_only_b_myeloid_rows_are_controls(train):
         make_folds("b_myeloid", controls_only, 5, 0)
 
 
+def test_folds_that_would_validate_nothing_are_refused(train):
+    with pytest.raises(UserError, match="folds = 615 is more than the 614 training rows"):
+        make_folds("kfold", train, 615, 0)
+    assert make_folds("kfold", train, 614, 0).n_folds == 614
+    b_compounds = np.unique(train.compound_index[held_out_rows(train)])
+    nk = train.cell_types.index("NK cells")
+    only_shared = dataclasses.replace(  # NK cells seen on the B/Myeloid compounds only
+        train, cell_index=np.where((train.cell_index == nk) & ~np.isin(train.compound_index, b_compounds),
+                                   train.cell_types.index("T cells CD4+"), train.cell_index))
+    with pytest.raises(UserError, match="validate nothing on 'NK cells'"):
+        make_folds("leave_cell_type_out", only_shared, 5, 0)
+    assert train.cell_types[:2] == HELD_OUT_CELLS  # sorted, so every other cell type can become Myeloid cells
+    held_only = dataclasses.replace(train, cell_types=HELD_OUT_CELLS, cell_index=np.minimum(train.cell_index, 1))
+    with pytest.raises(UserError, match="needs a cell type other than B cells and Myeloid cells"):
+        make_folds("leave_cell_type_out", held_only, 5, 0)
+
+
 def fitted_on_targets(config, train, folds):
     """Per slot, everything fitted on targets: the members' input features, the SVD target decoder and
     the per-gene clip range."""

@@ -16,7 +16,8 @@ from scp_jax.config import load_config
 from scp_jax.engine.devices import MemberPlacement
 from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.members import MemberTable
-from scp_jax.engine.trainer import kfold_assignment, member_specs, train_ensemble
+from scp_jax.engine.cv import kfold_assignment
+from scp_jax.engine.trainer import member_specs, train_ensemble
 from scp_jax.precision import stochastic_round_bf16
 from toy import sharding_summary, toy_queries, toy_train
 

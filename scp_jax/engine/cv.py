@@ -65,6 +65,13 @@ def leave_cell_type_out_assignment(train):
     held = _held_out_rows(train)
     with_held_out = np.isin(train.compound_index, np.unique(train.compound_index[held]))
     others = [i for i, name in enumerate(train.cell_types) if name not in HELD_OUT_CELLS]
+    if not others:
+        raise UserError("config: cv = 'leave_cell_type_out' needs a cell type other than"
+                        f" {' and '.join(HELD_OUT_CELLS)} to hold out")
+    for cell in others:
+        if (with_held_out | (train.cell_index != cell)).all():
+            raise UserError(f"config: cv = 'leave_cell_type_out' would validate nothing on {train.cell_types[cell]!r}:"
+                            " it has no rows outside the compounds with B/Myeloid rows")
     fold_of_cell = np.full(len(train.cell_types), -1, np.int32)
     fold_of_cell[others] = np.arange(len(others))
     return np.where(with_held_out, -1, fold_of_cell[train.cell_index]).astype(np.int32), len(others)
@@ -73,6 +80,9 @@ def leave_cell_type_out_assignment(train):
 def make_folds(scheme, train, folds, seed):
     n_rows = len(train.targets)
     if scheme == "kfold":
+        if folds > n_rows:
+            raise UserError(f"config: folds = {folds} is more than the {n_rows} training rows: a fold would validate"
+                            " nothing")
         return Folds(scheme, kfold_assignment(n_rows, folds, seed), folds)
     if scheme == "b_myeloid":
         return Folds(scheme, *b_myeloid_assignment(train, folds, seed))

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from scp_jax.data.pvalues import t_of_expected_y, t_statistic
-from scp_jax.engine.cv import kfold_assignment, make_folds  # noqa: F401  (kfold_assignment: re-exported)
+from scp_jax.engine.cv import make_folds
 from scp_jax.engine.devices import MemberPlacement, to_host
 from scp_jax.engine.ensemble import Data, MemberSpec, compiled_ensemble
 from scp_jax.engine.members import MemberTable
