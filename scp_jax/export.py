@@ -12,7 +12,8 @@ the feature tables (`features.cell`, `features.compound`, per fold slot `feature
 `features.fold_compound`), the SVD target decoder per fold slot (`decoder.mean`, `decoder.basis`)
 when the run predicts components, each gene's training range
 (`clip_min`, `clip_max`) and `manifest`, a JSON string: architecture and its config, member table,
-feature spec, vocabularies, gene names, package versions. scp_jax.predictor runs it without jax.
+feature spec, vocabularies, gene names, package versions, the arrays' sha256. scp_jax.predictor runs
+it without jax.
 """
 
 import argparse
@@ -26,7 +27,7 @@ import numpy as np
 from scp_jax.atomic import atomic_path
 from scp_jax.config import run_config_path
 from scp_jax.errors import UserError, cli_main
-from scp_jax.predictor import FORMAT, MANIFEST
+from scp_jax.predictor import FORMAT, MANIFEST, arrays_digest
 
 PACKAGES = ("scp-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -88,6 +89,7 @@ def export_run(run_dir, which="best", step=None):
 
 def write_npz(path, arrays, manifest):
     """Atomically: a crash never leaves a half-written model under the final name."""
+    manifest = {**manifest, "arrays_sha256": arrays_digest(arrays)}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{MANIFEST: np.array(json.dumps(manifest))}, **arrays)
 

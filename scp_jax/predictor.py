@@ -8,6 +8,7 @@ scp_jax.models.factorized and scp_jax.features.tables: member m reads the per-fo
 `decoder.basis`) at its own fold, the manifest's `members[m]["fold"]`.
 """
 
+import hashlib
 import json
 import tomllib
 
@@ -52,11 +53,26 @@ def concat_present(*parts):
     return np.concatenate([p for p in parts if p is not None], axis=-1)
 
 
+def arrays_digest(arrays):
+    """sha256 over every array's name, dtype, shape and bytes: what an export's manifest records, so a
+    model edited or damaged after export is refused instead of predicting from what is left."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        digest.update(json.dumps([name, array.dtype.str, array.shape]).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
 def read_npz(path):
-    """(arrays, manifest) of an exported model.npz."""
+    """(arrays, manifest) of an exported model.npz, checked against the manifest's digest (exports from
+    before it have none)."""
     with np.load(path, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files if name != MANIFEST}
         manifest = json.loads(str(npz[MANIFEST]))
+    recorded = manifest.get("arrays_sha256")
+    if recorded is not None and recorded != arrays_digest(arrays):
+        raise ValueError("its arrays differ from what was exported: edited or damaged since; export the run again")
     return arrays, manifest
 
 

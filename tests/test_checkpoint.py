@@ -117,7 +117,7 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_er
     from scp_jax.export import export_run, main as export_main, write_npz
     from scp_jax.features.tables import FeatureTables
     from scp_jax.predict import main as predict_main
-    from scp_jax.predictor import Predictor
+    from scp_jax.predictor import Predictor, read_npz
 
     model = tmp_path / "model.npz"
     assert export_main(["--last", str(runs["straight"]), "--out", str(model)]) is None
@@ -159,6 +159,15 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_er
     cli_error(predict_main, [tmp_path / "old.npz", "--id-map", id_map, "--out", tmp_path / "old.csv",
                              "--aggregate", "weighted"], "export the run again")
     assert not (tmp_path / "old.csv").exists()
+
+    # A model edited after export (a bias dropped, a weight changed) is refused, not predicted from.
+    stored, manifest = read_npz(model)
+    stored["params.head.kernel"][0, 0, 0] += 1.0
+    for name, edited in (("weight", stored), ("bias", {k: v for k, v in stored.items() if k != "params.head.bias"})):
+        np.savez(tmp_path / f"{name}.npz", manifest=np.array(json.dumps(manifest)), **edited)
+        cli_error(predict_main, [tmp_path / f"{name}.npz", "--id-map", id_map, "--out", tmp_path / "edited.csv"],
+                  "arrays differ from what was exported")
+    assert not (tmp_path / "edited.csv").exists()
 
 
 TWO_DEVICES = textwrap.dedent("""
