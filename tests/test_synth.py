@@ -161,6 +161,13 @@ def test_reference_dir_missing_a_file_writes_nothing(tmp_path, cli_error):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("genes", ["0", "100000"])
+def test_synth_gene_count_out_of_range(tmp_path, cli_error, genes):
+    assert (cli_error(main, ["synth", "--out", tmp_path / "out", "--genes", genes])
+            == f"error: --genes must be in [1, 99999], got {genes}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_synth_writes_a_whole_world_or_nothing(small_world, tmp_path, cli_error, monkeypatch):
     from scp_jax.data import synth
 
