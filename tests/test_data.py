@@ -88,10 +88,11 @@ def tiny_table(path, **columns):
 @pytest.mark.filterwarnings("error")  # no RuntimeWarning from the float32 cast either
 @pytest.mark.parametrize("columns, fragments", [
     (dict(G1=[1.0, 2.0], G1__2=[3.0, 4.0]), ["column 'G1' appears twice (columns 5 and 6)"]),
-    (dict(G1=[1.0, 1e300]), ["gene column 'G1' has value 1e+300 beyond the float32 range at row 1 (NK cells, A)"]),
+    (dict(G1=[1.0, 1e300]), ["gene column 'G1' has value 1e+300, beyond ±324", "at row 1 (NK cells, A)"]),
+    (dict(G1=[-324.5, 1.0]), ["gene column 'G1' has value -324.5, beyond ±324", "at row 0 (B cells, A)"]),
     (dict(G1=[1.0, None]), ["gene column 'G1' has null value at row 1 (NK cells, A)"]),
 ])
-def test_repeated_columns_and_values_beyond_float32(cli_error, tmp_path, columns, fragments):
+def test_repeated_columns_and_impossible_values(cli_error, tmp_path, columns, fragments):
     path = tiny_table(tmp_path / "de_train.parquet", **columns)
     cli_error(main, ["check", path], f"error: {path}: ", *fragments)
 

@@ -20,6 +20,7 @@ from scp_jax.errors import UserError
 
 META_COLUMNS = ("cell_type", "sm_name", "sm_lincs_id", "SMILES", "control")
 ID_MAP_COLUMNS = ("id", "cell_type", "sm_name")
+MAX_ABS_TARGET = 324.0  # -log10 of the smallest float64 is 323.3
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,15 @@ def _target_matrix(table, path, genes):
                 raise UserError(f"{path}: gene column '{gene}' is not numeric ({column.type}): {show(value)}"
                                 f" at {_row_label(table, bad)}")
             targets[:, j] = column.to_numpy()  # nulls become NaN and are caught below
-    finite = np.isfinite(targets)
-    if not finite.all():
-        row, j = (int(i) for i in np.argwhere(~finite)[0])
+    plausible = np.abs(targets) <= MAX_ABS_TARGET  # False for NaN and inf too
+    if not plausible.all():
+        row, j = (int(i) for i in np.argwhere(~plausible)[0])
         value = table.column(genes[j])[row].as_py()
         if value is None:
             problem = "null value"
         elif np.isfinite(value):
-            problem = f"value {show(value)} beyond the float32 range"
+            problem = (f"value {show(value)}, beyond ±{MAX_ABS_TARGET:g} (no signed -log10 p-value is: float64 p-values"
+                       " end near 5e-324)")
         else:
             problem = f"non-finite value {value}"
         raise UserError(f"{path}: gene column '{genes[j]}' has {problem} at {_row_label(table, row)}")
