@@ -4,7 +4,8 @@ Each recipe runs from the CLI exactly as a user would run it (`python -m scp_jax
 configs/NAME.toml --ensemble N`), on the default synthetic world (18,211 genes), then its
 submission is scored against the world's hidden truth next to the baselines (fitted on all
 training rows), the Bayes oracle and the effect oracle (see scp_jax/data/synth.py). Writes
-benchmarks/results/accuracy.{json,md} and each run's report.png as accuracy-RECIPE-report.png.
+benchmarks/results/accuracy.{json,md} and each run's report.png as accuracy-RECIPE-report.png
+(`--results` another folder), with the device the wall times ran on.
 
     python benchmarks/accuracy.py                         # every recipe, --ensemble 20
     python benchmarks/accuracy.py --recipes default --update            # rerun one recipe, keep the others
@@ -13,6 +14,7 @@ benchmarks/results/accuracy.{json,md} and each run's report.png as accuracy-RECI
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +42,14 @@ def run_recipe(recipe, ensemble, overrides, work):
     return out, seconds
 
 
+def device_label():
+    """What the runs' wall times ran on: the accelerator's name, else the CPU core count."""
+    import jax
+
+    device = jax.devices()[0]
+    return f"{os.cpu_count()} CPU cores" if device.platform == "cpu" else device.device_kind
+
+
 def measure(recipe, ensemble, overrides, work, report_png):
     from scp_jax.data.score import ORACLES, score
     from scp_jax.data.synth import default_world
@@ -49,7 +59,7 @@ def measure(recipe, ensemble, overrides, work, report_png):
     hidden = score(default_world(), run_dir / "submission.csv")
     shutil.copyfile(run_dir / "report.png", report_png)
     return {"recipe": recipe, "overrides": list(overrides), "members": len(cv["members"]), "scheme": cv["scheme"],
-            "seconds": round(seconds, 1), "cv": cv["ensemble_cv_mrrmse"], "cv_baselines": cv["baselines_cv_mrrmse"],
+            "seconds": round(seconds, 1), "device": device_label(), "cv": cv["ensemble_cv_mrrmse"], "cv_baselines": cv["baselines_cv_mrrmse"],
             "hidden": hidden["submission"], "hidden_baselines": {k: v for k, v in hidden.items()
                                                                  if k not in ("submission", *ORACLES)},
             **{name: hidden.get(name) for name in ORACLES}}
@@ -60,8 +70,9 @@ def markdown(rows):
     first = rows[0]
     best_name = min(first["hidden_baselines"], key=first["hidden_baselines"].get)
     best, oracle, reachable = first["hidden_baselines"][best_name], first["oracle"], first["effect_oracle"]
+    devices = ", ".join(dict.fromkeys(r.get("device", "2 CPU cores") for r in rows))  # rows before the field: CPU
     lines = ["| recipe | members | CV scheme | CV MRRMSE | hidden MRRMSE | gap closed | reachable gap closed |"
-             " wall (2 CPU cores) |", "|---|---|---|---|---|---|---|---|"]
+             f" wall ({devices}) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         closed = (best - r["hidden"]) / (best - oracle)
         closed_reachable = (best - r["hidden"]) / (best - reachable)
@@ -88,7 +99,10 @@ def main(argv=None):
     parser.add_argument("--name", default="accuracy", help="results file stem under benchmarks/results/")
     parser.add_argument("--update", action="store_true", help="keep the other recipes' rows of NAME.json")
     parser.add_argument("--keep", metavar="DIR", help="keep each recipe's run dir as DIR/RECIPE (default: deleted)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results (default: %(default)s)")
     args = parser.parse_args(argv)
+    results = args.results.resolve()
+    results.mkdir(parents=True, exist_ok=True)
     recipes = args.recipes.split(",")
     keep = Path(args.keep).resolve() if args.keep else None  # resolved: train runs from the repo root
     # train refuses a run dir that holds files: say so before hours of other recipes
@@ -99,16 +113,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         work = keep or Path(scratch)
         for recipe in recipes:
-            report_png = RESULTS / f"{args.name}-{recipe}-report.png"
+            report_png = results / f"{args.name}-{recipe}-report.png"
             rows.append(measure(recipe, args.ensemble, args.set, work, report_png))
             print(json.dumps({k: rows[-1][k] for k in ("recipe", "members", "seconds", "cv", "hidden")}), flush=True)
-    if args.update and (RESULTS / f"{args.name}.json").is_file():
+    if args.update and (results / f"{args.name}.json").is_file():
         fresh = {r["recipe"]: r for r in rows}
-        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        old = json.loads((results / f"{args.name}.json").read_text())
         rows = [fresh.pop(r["recipe"], r) for r in old] + list(fresh.values())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(rows))
+    (results / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / f"{args.name}.md").write_text(markdown(rows))
     print(markdown(rows))
 
 
