@@ -198,6 +198,16 @@ def test_id_map_text_is_kept_as_written(world, tmp_path):
     np.testing.assert_array_equal(read_submission(tmp_path / "sub.csv", queries.ids, train.genes), predictions)
 
 
+def test_id_map_columns_in_any_order(world):
+    frame = pd.read_csv(world / "id_map.csv", dtype=str)
+    frame[["sm_name", "id", "cell_type"]].to_csv(world / "id_map.csv", index=False)
+    train = load_train(world / "de_train.parquet")
+    queries = load_id_map(world / "id_map.csv", train)
+    assert queries.ids.tolist() == frame["id"].astype(int).tolist()
+    assert queries.sm_name.tolist() == frame["sm_name"].tolist()
+    assert queries.cell_type.tolist() == frame["cell_type"].tolist()
+
+
 def test_submission_with_an_empty_id(tmp_path):
     from scp_jax.errors import UserError
 

@@ -215,8 +215,9 @@ def read_csv(path, text=()):
     try:
         frame = pd.read_csv(path)
         text = [column for column in text if column in frame.columns]
-        if text:
-            frame[text] = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False, na_values=[""])
+        if text:  # by name: usecols gives the columns in the file's order
+            written = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False, na_values=[""])
+            frame[text] = written[text]
         return frame
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a readable CSV file ({_first_line(err)})") from None
