@@ -1,7 +1,14 @@
-"""The one error type users see: bad input or config, reported in one line with exit code 2."""
+"""The one error type users see: bad input or config, reported in one line with exit code 2; and
+Ctrl-C, reported in one line with exit code 130."""
 
+import contextlib
 import functools
+import os
+import signal
 import sys
+import threading
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 
 
 class UserError(Exception):
@@ -9,7 +16,8 @@ class UserError(Exception):
 
 
 def cli_main(main):
-    """Wrap a CLI entry point so a UserError prints `error: ...` on stderr and exits 2."""
+    """Wrap a CLI entry point so a UserError prints `error: ...` on stderr and exits 2, and Ctrl-C prints
+    `interrupted` and exits 130 (outputs are written atomically: nothing is left half-written)."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -18,5 +26,46 @@ def cli_main(main):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(INTERRUPTED) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(farewell):
+    """While inside, Ctrl-C (SIGINT) ends the process at once, as a kill would, with `farewell()`'s line
+    on stderr and exit code 130. A KeyboardInterrupt would first wait for the device to finish its
+    chunk, then unwind through XLA's and Orbax's threads: a traceback flood, or a crash at exit. The
+    signal wakes a watcher thread through Python's wakeup fd, so the main thread may stay blocked.
+    An inherited "ignore SIGINT" (a background job) is respected."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+
+    def watch():
+        while byte := os.read(read, 1):  # b"": the pipe closed on leaving
+            if byte[0] == signal.SIGINT:
+                try:
+                    line = farewell()
+                except Exception as err:  # the process is ending anyway: say why the farewell failed
+                    line = f"interrupted ({type(err).__name__}: {err})"
+                sys.stdout.flush()
+                print(line, file=sys.stderr, flush=True)
+                os._exit(INTERRUPTED)
+
+    watcher = threading.Thread(target=watch, name="exit-on-interrupt", daemon=True)
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: None)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write)
+        watcher.join()
+        os.close(read)

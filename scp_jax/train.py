@@ -17,7 +17,7 @@ import numpy as np
 
 from scp_jax.atomic import write_text
 from scp_jax.config import load_config, run_config_path, to_toml
-from scp_jax.errors import UserError, cli_main
+from scp_jax.errors import UserError, cli_main, exit_on_interrupt
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
 FLAG_KEYS = {"ensemble": "ensemble", "epochs": "epochs", "seed": "seed", "data": "data.train", "id_map": "data.id_map"}
@@ -80,12 +80,12 @@ def resolve_inputs(config):
 METRICS_FILES = ("metrics.jsonl", "metrics-stage1.jsonl")
 
 
-def untouched_start(run_dir):
-    """Whether RUN_DIR holds exactly what a run writes before its first epoch: config.toml, empty metrics
-    files and an empty checkpoints/."""
+def untouched_start(run_dir, epochs_logged=False):
+    """Whether RUN_DIR holds exactly what a run writes before its first epoch (or, `epochs_logged`, before
+    its first checkpoint): config.toml, metrics files (empty) and an empty checkpoints/."""
     names = {path.name for path in run_dir.iterdir()}
     return ({"config.toml", "metrics.jsonl", "checkpoints"} <= names <= {"config.toml", *METRICS_FILES, "checkpoints"}
-            and all((run_dir / name).stat().st_size == 0 for name in names & set(METRICS_FILES))
+            and (epochs_logged or all((run_dir / name).stat().st_size == 0 for name in names & set(METRICS_FILES)))
             and not any((run_dir / "checkpoints").iterdir()))
 
 
@@ -109,18 +109,34 @@ def prepare_run_dir(out, resume=False):
     return run_dir, created
 
 
-def discard_start(run_dir, created):
-    """Remove an untouched start and the folders made for it: a run stopped by bad config or input
-    before its first epoch leaves nothing behind. Best effort: a folder another run has since put
-    files in stays, and the error that stopped the run is what the user sees."""
+def discard_start(run_dir, created, epochs_logged=False):
+    """Remove an untouched start (`epochs_logged`: one with nothing checkpointed yet) and the folders made
+    for it: a run stopped by bad config or input before its first epoch, or interrupted before its first
+    checkpoint, leaves nothing behind. Best effort: a folder another run has since put files in stays,
+    and what stopped the run is what the user sees. Whether it removed the start."""
     with contextlib.suppress(OSError):
-        if not untouched_start(run_dir):
-            return
+        if not untouched_start(run_dir, epochs_logged):
+            return False
         for path in run_dir.iterdir():
             path.rmdir() if path.is_dir() else path.unlink()
-        print(f"run dir {run_dir} removed again: nothing was trained", flush=True)  # the header named it
+        print(f"run dir {run_dir} removed again: nothing was {'checkpointed' if epochs_logged else 'trained'}",
+              flush=True)  # the header named it
         for folder in created:
             folder.rmdir()
+        return True
+    return False
+
+
+def interrupted(run_dir, created, resumed):
+    """The line Ctrl-C during training ends with: where to resume from, or that nothing was kept (then
+    the run dir is removed, so its --out can be used again)."""
+    directory = run_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    if steps:  # Orbax renames a step's folder to its number once the step is complete
+        return f"interrupted: {run_dir} keeps checkpoints up to epoch {steps[-1]}; continue with --resume {run_dir}"
+    if not resumed and discard_start(run_dir, created, epochs_logged=True):
+        return "interrupted before the first checkpoint: nothing kept"
+    return f"interrupted before the first checkpoint: nothing to resume in {run_dir}"
 
 
 def truncate_metrics(path, epoch):
@@ -238,10 +254,12 @@ def main(argv=None):
     run_dir = Path(broadcast_text(chosen))  # a default --out is a timestamp: process 0's
 
     start = time.perf_counter()
+    farewell = (lambda: interrupted(run_dir, created, bool(args.resume))) if writer else (lambda: "interrupted")
     try:
         if writer and not args.resume:
             write_text(run_dir / "config.toml", to_toml(config))
-        with Checkpointer(run_dir / "checkpoints", config, train, bool(args.resume), queries) as checkpointer:
+        with exit_on_interrupt(farewell), \
+                Checkpointer(run_dir / "checkpoints", config, train, bool(args.resume), queries) as checkpointer:
             log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
             stage1_log = None
             if writer and config.pseudo_labels.enabled:
@@ -249,7 +267,7 @@ def main(argv=None):
             result = train_ensemble(config, train, queries, members=members, on_chunk=log, checkpointer=checkpointer,
                                     on_pseudo_chunk=stage1_log)
     except BaseException as err:
-        if writer and not args.resume and isinstance(err, UserError):
+        if writer and not args.resume and isinstance(err, (UserError, KeyboardInterrupt)):
             discard_start(run_dir, created)
         raise
     if not (result.best_epoch >= 0).any():

@@ -89,6 +89,34 @@ def test_resume_after_sigkill_is_bit_identical(runs):
     assert any(k.startswith("opt_state.") and k.endswith("mu.head.kernel") for k in a) and "best_params.head.kernel" in a
 
 
+def interrupt_when_stalled(process, epoch):
+    """Ctrl-C (SIGINT) a run held by STALL_ENV after `epoch`; (exit code, its output after the stall)."""
+    for line in process.stdout:
+        if line.startswith(f"stalled after epoch {epoch}"):
+            break
+    os.kill(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    return process.returncode, output
+
+
+@pytest.mark.parametrize("epoch", [2, 4])
+def test_ctrl_c_ends_a_run_in_one_line_and_keeps_what_resumes(runs, tmp_path, epoch):
+    """With a checkpoint on disk: the line says where to resume from; without one: the run dir goes,
+    so its --out can be used again. Never a traceback (KeyboardInterrupt unwound through XLA and Orbax)."""
+    run = tmp_path / "runs" / "interrupted"
+    process = cli("scp_jax.train", "--data", runs["world"] / "de_train.parquet", "--out", run, *RUN,
+                  environ=env(runs["tmp"], **{STALL_ENV: str(epoch)}))
+    code, output = interrupt_when_stalled(process, epoch)
+    assert code == 130
+    if epoch == 4:  # checkpoint_every = 3
+        assert output == f"interrupted: {run} keeps checkpoints up to epoch 3; continue with --resume {run}\n"
+        assert latest_step(run / "checkpoints") == 3
+    else:
+        assert output == (f"run dir {run} removed again: nothing was checkpointed\n"
+                          "interrupted before the first checkpoint: nothing kept\n")
+        assert not (tmp_path / "runs").exists()
+
+
 def test_oof_parquet_holds_the_rows_the_cv_scores(runs):
     """oof.parquet: every validated row once, keyed like the training parquet; the CV in cv.json is its
     MRRMSE against the targets (float64)."""
