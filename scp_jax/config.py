@@ -124,6 +124,7 @@ AGGREGATES = ("mean", "median", "weighted")
 TARGET_TRANSFORMS = ("none", "t_statistic")
 PRECISIONS = ("fp32", "bf16", "bf16_state")  # scp_jax/precision.py; here so reading a config needs no jax
 MAX_EPOCHS = 1_000_000
+MAX_MEMBERS = 1_000_000  # the member table is built on the host, a row per member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +170,15 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
-        if self.epochs > MAX_EPOCHS:  # an int32 counter on device; and the host walks every epoch
-            raise UserError(f"config: epochs must be <= {MAX_EPOCHS}, got {self.epochs}")
+        for key, value in {"epochs": self.epochs, "patience": self.patience}.items():
+            if value > MAX_EPOCHS:  # int32 counters on device; and the host walks every epoch
+                raise UserError(f"config: {key} must be <= {MAX_EPOCHS}, got {value}")
+        if self.batch_size >= 2**31:  # it enters the compiled program as an int32
+            raise UserError(f"config: batch_size must be < 2**31, got {self.batch_size}")
+        members = self.ensemble * math.prod(len(getattr(self.sweep, name)) or 1 for name in HYPERPARAMETERS)
+        if members > MAX_MEMBERS:
+            raise UserError(f"config: ensemble ({self.ensemble}) x the sweep's combinations gives {members:,} members;"
+                            f" at most {MAX_MEMBERS:,}")
         if not 0 <= self.seed < 2**31:  # it enters the compiled program as an int32
             raise UserError(f"config: seed must be in [0, 2**31), got {self.seed}")
         if self.data.synth_seed < 0:
@@ -192,6 +200,9 @@ class Config:
         if self.model.row_scale and (self.model.kind != "factorized" or list(self.features) != ["onehot"]):
             raise UserError("config: model.row_scale needs model.kind = 'factorized' and features = ['onehot']"
                             f" (a size per (cell type, compound) pair), got {self.model.kind!r} and {list(self.features)}")
+        if self.model.kind == "factorized" and not {"onehot", "target_encoding"} & set(self.features):
+            raise UserError("config: model.kind = 'factorized' multiplies a cell-type side by a compound side, and"
+                            f" features {list(self.features)} give no cell-type side: add 'onehot' or 'target_encoding'")
         if self.model.kind == "transformer" and self.model.width % self.model.heads:
             raise UserError(f"config: model.width ({self.model.width}) must be a multiple of model.heads ({self.model.heads})")
         for key, choices in CATEGORIES.items():

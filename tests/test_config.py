@@ -34,6 +34,9 @@ def test_overrides_and_round_trip(tmp_path):
         ("loss.huber_delta=inf", "loss.huber_delta must be a finite number, got inf"),
         ("sweep.learning_rate=[1e-3, -inf]", r"sweep.learning_rate\[1\] must be a finite number, got -inf"),
         ("epochs=10000000000", "epochs must be <= 1000000, got 10000000000"),
+        ("patience=1000000000000", "patience must be <= 1000000, got 1000000000000"),
+        ("batch_size=1000000000000000", r"batch_size must be < 2\*\*31, got 1000000000000000"),
+        ("ensemble=100000000", "ensemble \\(100000000\\) x the sweep's combinations gives 100,000,000 members; at most 1,000,000"),
         ("features=['onehot', 'morgan', 'onehot']", "features lists 'onehot' more than once"),
         ("sweep.optimizer=['adamw', 'sgd']", "sweep.optimizer must be one of adamw, lion, got 'sgd'"),
         ("seed=-1", r"seed must be in \[0, 2\*\*31\), got -1"),
@@ -44,6 +47,18 @@ def test_bad_config_is_one_line_user_error(override, message):
     with pytest.raises(UserError, match=message) as err:
         load_config(None, [override])
     assert "\n" not in str(err.value)
+
+
+def test_member_count_and_factorized_sides_are_checked_before_any_work():
+    sweep = [f"sweep.{name}=[{', '.join(['0.1'] * 10)}]" for name in ("warmup", "weight_decay", "l2", "dropout",
+                                                                        "input_mask", "learning_rate", "clip_norm")]
+    with pytest.raises(UserError, match="gives 40,000,000 members; at most 1,000,000"):  # 4 x 10^7
+        load_config(None, ["ensemble=4", *sweep])
+    with pytest.raises(UserError, match=r"features \['morgan:bits=16'\] give no cell-type side: add 'onehot' or"):
+        load_config(None, ["model.kind='factorized'", "features=['morgan:bits=16']"])
+    load_config(None, ["ensemble=4", *sweep[:3]])  # 4,000 members
+    load_config(None, ["model.kind='factorized'", "features=['target_encoding', 'morgan:bits=16']"])
+    load_config(None, ["features=['morgan:bits=16']"])  # an MLP takes compound features alone
 
 
 def test_unreadable_config_file_is_one_line_user_error(tmp_path):
