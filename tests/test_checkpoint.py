@@ -349,6 +349,23 @@ def test_resume_refuses_an_edited_config(runs, tmp_path, cli_error):
     cli_error(train_main, ["--resume", run], "6: checkpoint step 6 was trained on other data than data.train now holds")
 
 
+def test_resume_refuses_a_changed_features_file(runs, tmp_path, cli_error):
+    """A features file is named, not fingerprinted, by the config: the tables it gave are compared."""
+    from scp_jax.features.__main__ import main as features_main
+    from scp_jax.train import main as train_main
+
+    features = tmp_path / "morgan.npz"
+    features_main(["morgan", "--bits", "16", "--data", str(runs["world"] / "de_train.parquet"), "--out", str(features)])
+    run = tmp_path / "run"
+    train_main(["--data", str(runs["world"] / "de_train.parquet"), "--out", str(run), "--config", str(CI_CONFIG),
+                "--ensemble", "2", "--epochs", "2", "--set", "checkpoint_every=2", "--set", "epochs_per_chunk=2",
+                "--set", "model.hidden=[8]", "--set", f"features=['onehot', 'chemberta:{features}']"])
+    stored = dict(np.load(features))
+    np.savez(features, **dict(stored, features=stored["features"] + 1))
+    cli_error(train_main, ["--resume", run], "2: checkpoint step 2 was trained on another features.compound table than"
+              f" features ['onehot', 'chemberta:{features}'] now give")
+
+
 def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path, cli_error):
     """Stage 1 is not checkpointed: a resumed two-stage run recomputes its labels, then continues stage 2. Its
     stage 2 trains on the id map's rows: an id map with other rows is refused on resume."""

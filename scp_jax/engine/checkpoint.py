@@ -287,8 +287,15 @@ class Checkpointer:
         if not self.resume:
             return state, 0
         # The config, data and vocabularies were checked when resuming began (check_resumable).
-        named, _, metadata = restore_items(self.directory, self.step)
+        named, tables, metadata = restore_items(self.directory, self.step)
         self.check_written_for("members", metadata.get("members"), self.metadata["members"], self.step)
+        # The data fingerprint covers what the fold tables are fitted on, not the feature files and RDKit
+        # behind these two (exactly reproducible on any device, unlike a fold's SVD across BLAS builds).
+        for name in ("features.cell", "features.compound"):
+            if name in tables and not np.array_equal(tables[name], self.tables[name]):
+                raise UserError(f"{self.directory / str(self.step)}: checkpoint step {self.step} was trained on another"
+                                f" {name} table than features {list(self.config.features)} now give (a features file"
+                                " or RDKit changed since?); resume with what it started with, or start a new run")
         return place_like(state, named, self.n_members), self.step
 
     def save(self, epoch, state, metrics, last=False):
