@@ -91,6 +91,8 @@ def tiny_table(path, **columns):
     (dict(G1=[1.0, 1e300]), ["gene column 'G1' has value 1e+300, beyond ±324", "at row 1 (NK cells, A)"]),
     (dict(G1=[-324.5, 1.0]), ["gene column 'G1' has value -324.5, beyond ±324", "at row 0 (B cells, A)"]),
     (dict(G1=[1.0, None]), ["gene column 'G1' has null value at row 1 (NK cells, A)"]),
+    ({"": [1.0, 2.0]}, ["a gene column is named ''; a name must be non-empty, without spaces around it"]),
+    ({"G1 ": [1.0, 2.0]}, ["a gene column is named 'G1 '"]),
 ])
 def test_repeated_columns_and_impossible_values(cli_error, tmp_path, columns, fragments):
     path = tiny_table(tmp_path / "de_train.parquet", **columns)
@@ -107,6 +109,16 @@ def test_meta_column_without_a_text_form(cli_error, tmp_path, column):
     table = table.set_column(table.column_names.index(column), column, pa.array([["x"], ["y"]]))
     pq.write_table(table, path)
     cli_error(main, ["check", path], f"error: {path}: column '{column}' must hold text, got list<element: string>")
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("cell_type", "NK cells ", "column 'cell_type' holds 'NK cells ' at row 3; a name must be non-empty"),
+    ("sm_name", "", "column 'sm_name' holds '' at row 3; a name must be non-empty"),
+    ("control", 2, "column 'control' holds 2 at row 3"),
+])
+def test_unclean_names_and_control_flags(cli_error, world, column, value, message):
+    path = rewrite_train(world, lambda f: f.assign(**{column: f[column].astype(type(value)).where(f.index != 3, value)}))
+    cli_error(main, ["check", path], message)
 
 
 def test_duplicate_row(cli_error, world):

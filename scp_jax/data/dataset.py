@@ -88,6 +88,22 @@ def _meta_strings(table, path, column):
     return np.asarray(_as_strings(values, path, column), dtype=object)
 
 
+NAME_RULE = "a name must be non-empty, without spaces around it (' NK cells' would be a cell type of its own)"
+
+
+def _is_clean_name(name):
+    return bool(name) and name == name.strip()
+
+
+def _names(table, path, column):
+    """A column of names (cell types, compounds): text, each clean (NAME_RULE)."""
+    values = _meta_strings(table, path, column)
+    row = next((row for row, value in enumerate(values) if not _is_clean_name(value)), None)
+    if row is not None:
+        raise UserError(f"{path}: column '{column}' holds {values[row]!r} at row {row}; {NAME_RULE}")
+    return values
+
+
 def _as_strings(values, path, column):
     """A column as Python strings; a type without a text form (a list, a struct) is a user error."""
     try:
@@ -104,7 +120,11 @@ def _control_flags(table, path):
     if values.null_count:
         row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
         raise UserError(f"{path}: column 'control' is empty at {_row_label(table, row)}")
-    return values.to_numpy().astype(bool)
+    flags = values.to_numpy()
+    if pa.types.is_integer(kind) and not np.isin(flags, (0, 1)).all():
+        row = int(np.flatnonzero(~np.isin(flags, (0, 1)))[0])
+        raise UserError(f"{path}: column 'control' holds {flags[row]} at {_row_label(table, row)}; it must be 0 or 1")
+    return flags.astype(bool)
 
 
 def _target_matrix(table, path, genes):
@@ -160,11 +180,14 @@ def load_train(path) -> TrainSet:
         raise UserError(f"{path}: no gene columns (only {', '.join(table.column_names)})")
     if "id" in genes:  # a submission's key column
         raise UserError(f"{path}: a gene column is named 'id', the name of a submission's key column")
+    unclean = [gene for gene in genes if not _is_clean_name(gene)]
+    if unclean:
+        raise UserError(f"{path}: a gene column is named {unclean[0]!r}; {NAME_RULE}")
     if table.num_rows == 0:
         raise UserError(f"{path}: no rows")
 
-    cell_type = _meta_strings(table, path, "cell_type")
-    sm_name = _meta_strings(table, path, "sm_name")
+    cell_type = _names(table, path, "cell_type")
+    sm_name = _names(table, path, "sm_name")
     sm_lincs_id = _meta_strings(table, path, "sm_lincs_id")
     smiles = np.asarray(["" if s is None else s for s in _as_strings(table.column("SMILES"), path, "SMILES")], object)
     control = _control_flags(table, path)
