@@ -125,6 +125,7 @@ TARGET_TRANSFORMS = ("none", "t_statistic")
 PRECISIONS = ("fp32", "bf16", "bf16_state")  # scp_jax/precision.py; here so reading a config needs no jax
 MAX_EPOCHS = 1_000_000
 MAX_MEMBERS = 1_000_000  # the member table is built on the host, a row per member
+MAX_SYNTH_GENES = 99_999  # synthetic worlds name their genes G00001..G99999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,8 @@ class Config:
         for key, value in {"epochs": self.epochs, "patience": self.patience}.items():
             if value > MAX_EPOCHS:  # int32 counters on device; and the host walks every epoch
                 raise UserError(f"config: {key} must be <= {MAX_EPOCHS}, got {value}")
+        if self.data.synth_genes > MAX_SYNTH_GENES:
+            raise UserError(f"config: data.synth_genes must be <= {MAX_SYNTH_GENES}, got {self.data.synth_genes}")
         if self.batch_size >= 2**31:  # it enters the compiled program as an int32
             raise UserError(f"config: batch_size must be < 2**31, got {self.batch_size}")
         members = self.ensemble * math.prod(len(getattr(self.sweep, name)) or 1 for name in HYPERPARAMETERS)
@@ -338,7 +341,12 @@ def load_config(path=None, overrides=()):
             if not isinstance(node, dict):
                 raise UserError(f"--set {item!r}: {table!r} is not a table")
         node[leaf] = _parse_value(text.strip())
-    return _build(Config, values)
+    try:
+        return _build(Config, values)
+    except UserError as err:  # a value of the file alone (a run dir's config.toml on --resume): name the file
+        if path is None or overrides or not str(err).startswith("config: "):
+            raise
+        raise UserError(f"{path}: {str(err).removeprefix('config: ')}") from None
 
 
 def _toml_value(value):

@@ -35,6 +35,7 @@ def test_overrides_and_round_trip(tmp_path):
         ("sweep.learning_rate=[1e-3, -inf]", r"sweep.learning_rate\[1\] must be a finite number, got -inf"),
         ("epochs=10000000000", "epochs must be <= 1000000, got 10000000000"),
         ("patience=1000000000000", "patience must be <= 1000000, got 1000000000000"),
+        ("data.synth_genes=200000", "data.synth_genes must be <= 99999, got 200000"),
         ("batch_size=1000000000000000", r"batch_size must be < 2\*\*31, got 1000000000000000"),
         ("ensemble=100000000", "ensemble \\(100000000\\) x the sweep's combinations gives 100,000,000 members; at most 1,000,000"),
         ("features=['onehot', 'morgan', 'onehot']", "features lists 'onehot' more than once"),
@@ -59,6 +60,14 @@ def test_member_count_and_factorized_sides_are_checked_before_any_work():
     load_config(None, ["ensemble=4", *sweep[:3]])  # 4,000 members
     load_config(None, ["model.kind='factorized'", "features=['target_encoding', 'morgan:bits=16']"])
     load_config(None, ["features=['morgan:bits=16']"])  # an MLP takes compound features alone
+
+
+def test_a_bad_value_of_a_config_file_alone_names_the_file(tmp_path):
+    (tmp_path / "config.toml").write_text("epochs = 'x'\n")
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'config.toml'}: epochs must be int, got 'x'")):
+        load_config(tmp_path / "config.toml")
+    with pytest.raises(UserError, match=re.escape("config: epochs must be int, got 'x'")):  # file or --set: either
+        load_config(tmp_path / "config.toml", ["ensemble=2"])
 
 
 def test_unreadable_config_file_is_one_line_user_error(tmp_path):

@@ -43,6 +43,10 @@ def test_missing_file(cli_error, tmp_path):
     cli_error(main, ["check", tmp_path / "nope.parquet"], "nope.parquet", "not found")
 
 
+def test_id_map_that_is_a_folder(cli_error, world):
+    cli_error(main, ["check", world / "de_train.parquet", world], f"error: {world}: a folder, not a CSV file")
+
+
 def test_not_parquet(cli_error, tmp_path):
     (tmp_path / "de_train.parquet").write_text("cell_type,sm_name\n")
     cli_error(main, ["check", tmp_path / "de_train.parquet"], "not a readable parquet")

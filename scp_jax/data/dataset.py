@@ -234,7 +234,7 @@ def read_csv(path, text=()):
     `text` columns are kept as written, not parsed: '007' is not 7 and a compound named 'NA' is not
     missing; only an empty cell is."""
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {'a folder, not a CSV file' if path.is_dir() else 'file not found'}")
     try:
         frame = pd.read_csv(path)
         text = [column for column in text if column in frame.columns]

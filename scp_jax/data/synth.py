@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scp_jax.atomic import atomic_path, default_mode, write_text
+from scp_jax.config import MAX_SYNTH_GENES
 from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
 from scp_jax.errors import UserError
 
@@ -53,7 +54,6 @@ CONTROL_SMILES = {
     "Dabrafenib": "CC(C)(C)c1nc(-c2cccc(NS(=O)(=O)c3c(F)cccc3F)c2F)c(-c2ccnc(N)n2)s1",
 }
 REFERENCE_FILES = ("genes.txt", "compounds_smiles.csv", "id_map.csv")
-MAX_GENES = 99_999  # names G00001..G99999; the real data has 18,211
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,8 +322,8 @@ def make_world(out_dir, *, genes=18211, seed=0, reference=None, params=None) -> 
     to out_dir, a new or empty folder. All or nothing: the world is built in a hidden folder beside
     it and renamed into place, so an interrupted run, or a world of other settings already there,
     never leaves files of two worlds under one name."""
-    if not 1 <= genes <= MAX_GENES:
-        raise UserError(f"--genes must be in [1, {MAX_GENES}], got {genes}")
+    if not 1 <= genes <= MAX_SYNTH_GENES:
+        raise UserError(f"--genes must be in [1, {MAX_SYNTH_GENES}], got {genes}")
     if seed < 0:
         raise UserError(f"--seed must be non-negative, got {seed}")
     out_dir = Path(out_dir)
