@@ -3,6 +3,7 @@
 import filecmp
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -151,6 +152,30 @@ def test_reference_world_uses_real_genes_compounds_and_id_map(reference_dir, tmp
     assert held_out == set(real.sm_name[real.train_has_B_Myeloid == 1])
     assert pd.Series(train.cell_type).value_counts().to_dict() == TRAIN_ROWS
     pd.testing.assert_frame_equal(pd.read_csv(world / "id_map.csv"), pd.read_csv(reference_dir / "id_map.csv"))
+
+
+def _break_smiles(table):
+    table.loc[table.index[table["in_de_train"] == 1][0], "SMILES"] = "C1CC("
+    return table
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("compounds_smiles.csv", lambda t: t.drop(columns="role"), "compounds_smiles.csv: missing required column 'role'"),
+    ("compounds_smiles.csv", _break_smiles, "compounds_smiles.csv: invalid SMILES 'C1CC(' for compound"),
+    ("id_map.csv", lambda t: t.assign(sm_name=t["sm_name"].where(t.index != 2, "Unobtainium")),
+     "id_map.csv: row 2: ('B cells', 'Unobtainium') is no cell type x training compound of the world"),
+    ("genes.txt", lambda genes: genes[:3] + genes[:1], "genes.txt: gene 'A1BG' is listed twice"),
+    ("genes.txt", lambda genes: ["id", *genes], "genes.txt: gene 'id' is the name of a submission's key column"),
+])
+def test_reference_dir_that_would_give_an_invalid_world_writes_nothing(reference_dir, tmp_path, cli_error, name,
+                                                                       change, message):
+    reference = shutil.copytree(reference_dir, tmp_path / "ref")
+    if name == "genes.txt":
+        (reference / name).write_text("\n".join(change((reference / name).read_text().split())) + "\n")
+    else:
+        change(pd.read_csv(reference / name)).to_csv(reference / name, index=False)
+    cli_error(main, ["synth", "--out", tmp_path / "out", "--genes", "3", "--reference", reference], message)
+    assert not (tmp_path / "out").exists()
 
 
 def test_reference_dir_missing_a_file_writes_nothing(tmp_path, cli_error):

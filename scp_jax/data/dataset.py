@@ -229,10 +229,11 @@ def _index_into(values, vocabulary):
     return np.fromiter((position[v] for v in values), dtype=np.int32, count=len(values))
 
 
-def read_csv(path, text=()):
-    """A CSV file as a DataFrame; a missing or unreadable file is a one-line UserError. The cells of the
-    `text` columns are kept as written, not parsed: '007' is not 7 and a compound named 'NA' is not
-    missing; only an empty cell is."""
+def read_csv(path, text=(), required=()):
+    """A CSV file as a DataFrame; a missing or unreadable file, or one without a `required` column, is a
+    one-line UserError. The cells of the `text` columns are kept as written, not parsed: '007' is not 7
+    and a compound named 'NA' is not missing; only an empty cell is."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {'a folder, not a CSV file' if path.is_dir() else 'file not found'}")
     try:
@@ -241,9 +242,12 @@ def read_csv(path, text=()):
         if text:  # by name: usecols gives the columns in the file's order
             written = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False, na_values=[""])
             frame[text] = written[text]
-        return frame
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a readable CSV file ({_first_line(err)})") from None
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing required column '{missing[0]}'")
+    return frame
 
 
 def parse_ids(text):
@@ -259,10 +263,7 @@ def read_id_map(path):
     """(ids, cell types, compounds) of an id map, checked alike for training and prediction: a readable
     CSV with the three columns, no empty cell, no repeated id."""
     path = Path(path)
-    frame = read_csv(path, text=ID_MAP_COLUMNS)
-    for column in ID_MAP_COLUMNS:
-        if column not in frame.columns:
-            raise UserError(f"{path}: missing required column '{column}'")
+    frame = read_csv(path, text=ID_MAP_COLUMNS, required=ID_MAP_COLUMNS)
     if frame.empty:
         raise UserError(f"{path}: no rows: nothing to predict")
     for column in ID_MAP_COLUMNS:

@@ -32,10 +32,8 @@ def read_answers(path, genes, ids):
 def read_submission(path, ids, genes):
     """Read a submission CSV and return its predictions [ids, genes] in the given order."""
     path = Path(path)
-    frame = read_csv(path, text=("id",))
+    frame = read_csv(path, text=("id",), required=("id",))
     columns, expected = set(frame.columns), set(genes)
-    if "id" not in columns:
-        raise UserError(f"{path}: missing column 'id'")
     missing = frame["id"].isna().to_numpy()
     if missing.any():
         raise UserError(f"{path}: column 'id' is empty at row {int(np.flatnonzero(missing)[0])}")

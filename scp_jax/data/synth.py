@@ -25,6 +25,7 @@ every effect e exactly would predict gene by gene: a practical floor (not a stri
 unknown cell count scales a whole row and MRRMSE is not a per-gene squared error).
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 
 from scp_jax.atomic import atomic_path, default_mode, write_text
 from scp_jax.config import MAX_SYNTH_GENES
+from scp_jax.data.dataset import ID_MAP_COLUMNS, read_csv
 from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
 from scp_jax.errors import UserError
 
@@ -54,6 +56,7 @@ CONTROL_SMILES = {
     "Dabrafenib": "CC(C)(C)c1nc(-c2cccc(NS(=O)(=O)c3c(F)cccc3F)c2F)c(-c2ccnc(N)n2)s1",
 }
 REFERENCE_FILES = ("genes.txt", "compounds_smiles.csv", "id_map.csv")
+REFERENCE_COMPOUND_COLUMNS = ("sm_name", "sm_lincs_id", "SMILES", "in_de_train", "train_has_B_Myeloid", "role")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,14 @@ def morgan_bits(smiles, radius, n_bits):
     return np.stack([generator.GetFingerprintAsNumPy(Chem.MolFromSmiles(s)) for s in smiles]).astype(np.float64)
 
 
+def _invalid_smiles(smiles):
+    """The first SMILES RDKit cannot parse, or None."""
+    from rdkit import Chem, rdBase
+
+    with rdBase.BlockLogs():
+        return next((text for text in smiles if Chem.MolFromSmiles(str(text)) is None), None)
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -201,8 +212,16 @@ def _reference_layout(rng, reference, n_genes):
     genes = tuple((reference / "genes.txt").read_text().split())
     if n_genes > len(genes):
         raise UserError(f"--genes {n_genes} exceeds the {len(genes)} genes in {reference / 'genes.txt'}")
-    table = pd.read_csv(reference / "compounds_smiles.csv")
+    repeated = next((gene for gene, count in collections.Counter(genes).items() if count > 1 or gene == "id"), None)
+    if repeated is not None:
+        raise UserError(f"{reference / 'genes.txt'}: gene {repeated!r} is "
+                        + ("the name of a submission's key column" if repeated == "id" else "listed twice"))
+    table = read_csv(reference / "compounds_smiles.csv", required=REFERENCE_COMPOUND_COLUMNS)
     table = table[table["in_de_train"].astype(bool)].reset_index(drop=True)
+    invalid = _invalid_smiles(table["SMILES"])
+    if invalid is not None:
+        raise UserError(f"{reference / 'compounds_smiles.csv'}: invalid SMILES {invalid!r} for compound"
+                        f" {table['sm_name'][int(np.flatnonzero(table['SMILES'] == invalid)[0])]!r}")
     compounds = pd.DataFrame({
         "sm_name": table["sm_name"].astype(str),
         "sm_lincs_id": table["sm_lincs_id"].astype(str),
@@ -210,7 +229,12 @@ def _reference_layout(rng, reference, n_genes):
         "control": table["role"].eq("positive_control"),
     })
     with_held_out = list(table.loc[table["train_has_B_Myeloid"].astype(bool), "sm_name"])
-    queries = pd.read_csv(reference / "id_map.csv")[["id", "cell_type", "sm_name"]]
+    queries = read_csv(reference / "id_map.csv", required=ID_MAP_COLUMNS)[list(ID_MAP_COLUMNS)]
+    unknown = ~queries["sm_name"].isin(compounds["sm_name"]) | ~queries["cell_type"].isin(CELL_TYPES)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise UserError(f"{reference / 'id_map.csv'}: row {row}: ({queries['cell_type'][row]!r},"
+                        f" {queries['sm_name'][row]!r}) is no cell type x training compound of the world")
     return _Layout(compounds, _train_rows(rng, compounds, with_held_out), queries, genes[:n_genes])
 
 
