@@ -102,6 +102,26 @@ def test_hidden_answers_missing_an_id_are_refused(small_world, tmp_path):
         read_answers(path, genes, ids)
     with pytest.raises(UserError, match=rf"^{path}: missing column 'X'$"):
         read_answers(path, (*genes, "X"), ids[:-1])
+    truth.assign(**{genes[1]: truth[genes[1]].where(truth.index != 4)}).to_parquet(path)  # a null
+    with pytest.raises(UserError, match=rf"^{path}: gene column '{genes[1]}' has non-finite value nan at id {ids[4]}$"):
+        read_answers(path, genes, ids)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match=rf"^{path}: not a readable parquet file"):
+        read_answers(path, genes, ids)
+
+
+@pytest.mark.filterwarnings("error")  # no overflow warnings either
+def test_score_rejects_a_column_of_booleans_and_scores_a_huge_prediction_inf(small_world, tmp_path, cli_error, capsys):
+    submission = pd.read_parquet(small_world / "hidden" / "oracle.parquet")
+    gene = submission.columns[3]
+    submission.assign(**{gene: submission[gene] > -np.inf}).to_csv(tmp_path / "sub.csv", index=False)
+    assert cli_error(main, ["score", small_world, tmp_path / "sub.csv"]) == (
+        f"error: {tmp_path / 'sub.csv'}: gene column '{gene}' has non-numeric value True at id 0")
+    submission[gene] = submission[gene].astype(np.float64)
+    submission.loc[5, gene] = 1e300
+    submission.to_csv(tmp_path / "sub.csv", index=False)
+    main(["score", str(small_world), str(tmp_path / "sub.csv")])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("score: submission=inf ")
 
 
 def test_default_world_is_cached(tmp_path, monkeypatch):

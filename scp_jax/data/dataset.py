@@ -50,7 +50,7 @@ class Queries:
     compound_index: np.ndarray  # [q] int32 into TrainSet.compounds
 
 
-def _read_parquet(path, read=pq.ParquetFile.read):
+def read_parquet(path, read=pq.ParquetFile.read):
     """`read` of a parquet file (its whole table by default), a missing or unreadable file a UserError."""
     path = Path(path)
     if not path.is_file():
@@ -67,7 +67,7 @@ def _gene_names(columns):
 
 def gene_columns(path):
     """The gene columns of a training parquet, from its footer alone (no data read)."""
-    return _gene_names(_read_parquet(path, lambda file: file.schema_arrow.names))
+    return _gene_names(read_parquet(path, lambda file: file.schema_arrow.names))
 
 
 def _first_line(err):
@@ -167,7 +167,7 @@ def _is_number(value):
 
 def load_train(path) -> TrainSet:
     """Read de_train.parquet: metadata columns, then every other column is a gene target."""
-    table = _read_parquet(path)
+    table = read_parquet(path)
     seen = {}
     for position, column in enumerate(table.column_names):
         if seen.setdefault(column, position) != position:

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from scp_jax import metrics
-from scp_jax.data.dataset import load_id_map, load_train, parse_ids, read_csv, show
+from scp_jax.data.dataset import load_id_map, load_train, parse_ids, read_csv, read_parquet, show
 from scp_jax.errors import UserError
 
 ORACLES = ("oracle", "effect_oracle")  # hidden/NAME.parquet, scored when the world has it
@@ -18,7 +17,7 @@ def read_answers(path, genes, ids):
     """Hidden answer file (id + genes), rows aligned to `ids`."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (is this a synthetic world?)")
-    table = pq.ParquetFile(path).read()
+    table = read_parquet(path)
     names = set(table.column_names)  # a list: 18,212 lookups in it took minutes
     missing = [c for c in ("id", *genes) if c not in names]
     if missing:
@@ -26,7 +25,12 @@ def read_answers(path, genes, ids):
     order = pd.Index(table.column("id").to_numpy()).get_indexer(ids)
     if (order < 0).any():  # get_indexer's -1 would silently pick the last row
         raise UserError(f"{path}: id {show(ids[int(np.flatnonzero(order < 0)[0])])} from id_map is missing")
-    return np.stack([table.column(g).to_numpy() for g in genes], axis=1)[order]
+    answers = np.stack([table.column(g).to_numpy() for g in genes], axis=1)[order]
+    finite = np.isfinite(answers)
+    if not finite.all():  # a null too: it reads as NaN
+        row, j = np.argwhere(~finite)[0]
+        raise UserError(f"{path}: gene column '{genes[j]}' has non-finite value {answers[row, j]} at id {show(ids[row])}")
+    return answers
 
 
 def read_submission(path, ids, genes):
@@ -54,10 +58,12 @@ def read_submission(path, ids, genes):
         unknown = frame["id"][~frame["id"].isin(ids)].iloc[0]
         raise UserError(f"{path}: id {show(unknown)} is not in id_map")
     values = frame[list(genes)]
-    non_numeric = [g for g, kind in values.dtypes.items() if not pd.api.types.is_numeric_dtype(kind)]
+    numeric = pd.api.types.is_numeric_dtype
+    non_numeric = [g for g, kind in values.dtypes.items() if not numeric(kind) or pd.api.types.is_bool_dtype(kind)]
     if non_numeric:
         gene = non_numeric[0]
-        row = int(np.flatnonzero(pd.to_numeric(values[gene], errors="coerce").isna().to_numpy())[0])
+        unparsed = pd.to_numeric(values[gene], errors="coerce").isna().to_numpy()
+        row = int(np.flatnonzero(unparsed)[0]) if unparsed.any() else 0  # a column of True/False: its first
         raise UserError(
             f"{path}: gene column '{gene}' has non-numeric value {show(values[gene].iloc[row])}"
             f" at id {show(frame['id'].iloc[row])}"
@@ -80,7 +86,8 @@ def score(world_dir, submission_path):
     queries = load_id_map(world / "id_map.csv", train)
     predictions = read_submission(submission_path, queries.ids, train.genes)
     truth = read_answers(world / "hidden" / "truth.parquet", train.genes, queries.ids)
-    scores = {"submission": metrics.mrrmse(truth, predictions)}
+    with np.errstate(over="ignore"):  # a finite prediction past 1e154 scores inf, without numpy's warnings
+        scores = {"submission": metrics.mrrmse(truth, predictions)}
     for oracle in ORACLES:
         if (world / "hidden" / f"{oracle}.parquet").is_file():
             answers = read_answers(world / "hidden" / f"{oracle}.parquet", train.genes, queries.ids)
