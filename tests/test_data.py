@@ -1,6 +1,7 @@
 """Loader validation: each bad input gives exit code 2 and one `error:` line naming the problem."""
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -222,6 +223,17 @@ def test_id_map_columns_in_any_order(world):
     assert queries.ids.tolist() == frame["id"].astype(int).tolist()
     assert queries.sm_name.tolist() == frame["sm_name"].tolist()
     assert queries.cell_type.tolist() == frame["cell_type"].tolist()
+
+
+@pytest.mark.parametrize("header, message", [("id,A,B,A", "column 'A' appears twice (columns 1 and 3)"),
+                                             ("id,A,id", "column 'id' appears twice (columns 0 and 2)")])
+def test_submission_with_a_repeated_column(tmp_path, header, message):
+    """Named as in the file: pandas would call the second one 'A.1'."""
+    from scp_jax.errors import UserError
+
+    (tmp_path / "sub.csv").write_text(header + "\n" + ",".join(["0"] * len(header.split(","))) + "\n")
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'sub.csv'}: {message}")):
+        read_submission(tmp_path / "sub.csv", np.arange(1), ("A", "B"))
 
 
 def test_submission_with_an_empty_id(tmp_path):

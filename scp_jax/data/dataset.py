@@ -5,6 +5,7 @@ Every problem with a user's file is a UserError whose one-line message names the
 and the row, so a bad input is fixed from the message alone rather than from a traceback.
 """
 
+import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,13 @@ def read_parquet(path, read=pq.ParquetFile.read):
         return read(pq.ParquetFile(path))  # skips the dataset layer: faster on 18k columns
     except (pa.ArrowException, OSError) as err:
         raise UserError(f"{path}: not a readable parquet file ({_first_line(err)})") from None
+
+
+def _refuse_repeated_columns(names, path):
+    seen = {}
+    for position, column in enumerate(names):
+        if seen.setdefault(column, position) != position:
+            raise UserError(f"{path}: column '{column}' appears twice (columns {seen[column]} and {position})")
 
 
 def _gene_names(columns):
@@ -168,10 +176,7 @@ def _is_number(value):
 def load_train(path) -> TrainSet:
     """Read de_train.parquet: metadata columns, then every other column is a gene target."""
     table = read_parquet(path)
-    seen = {}
-    for position, column in enumerate(table.column_names):
-        if seen.setdefault(column, position) != position:
-            raise UserError(f"{path}: column '{column}' appears twice (columns {seen[column]} and {position})")
+    _refuse_repeated_columns(table.column_names, path)
     for column in META_COLUMNS:
         if column not in table.column_names:
             raise UserError(f"{path}: missing required column '{column}'")
@@ -237,12 +242,14 @@ def read_csv(path, text=(), required=()):
     if not path.is_file():
         raise UserError(f"{path}: {'a folder, not a CSV file' if path.is_dir() else 'file not found'}")
     try:
+        with open(path, newline="", encoding="utf-8-sig") as file:  # pandas renames a repeated column: 'G1.1'
+            _refuse_repeated_columns(next(csv.reader(file), []), path)
         frame = pd.read_csv(path)
         text = [column for column in text if column in frame.columns]
         if text:  # by name: usecols gives the columns in the file's order
             written = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False, na_values=[""])
             frame[text] = written[text]
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{path}: not a readable CSV file ({_first_line(err)})") from None
     missing = [column for column in required if column not in frame.columns]
     if missing:
