@@ -79,7 +79,8 @@ def test_compound_feature_specs(tmp_path, monkeypatch):
     np.testing.assert_array_equal(compound_features("descriptors", MOLECULES), rdkit_descriptors(MOLECULES))
     assert len(list((tmp_path / "features").glob("descriptors-*.npy"))) == 1
     for bad, message in [("fingerprints", "valid: 'morgan'"), ("morgan:size=3", "unknown option 'size'"),
-                         ("morgan:counts=maybe", "bad value 'maybe'"), ("chemberta:missing.npz", "no features file")]:
+                         ("morgan:counts=maybe", "bad value 'maybe'"), ("chemberta:missing.npz", "no features file"),
+                         ("morgan:bits=16,bits=32", "option 'bits' given twice")]:
         with pytest.raises(UserError, match=message):
             compound_features(bad, MOLECULES)
 
@@ -140,6 +141,16 @@ def test_feature_file_with_wrong_shape_or_non_finite_values_is_refused(tmp_path,
     path = tmp_path / "features.npz"
     np.savez(path, smiles=np.array(["CCO", "O"]), features=features)
     with pytest.raises(UserError, match=f"^{path}: {message}"):
+        compound_features(f"chemberta:{path}", ["CCO"])
+
+
+def test_feature_file_with_a_smiles_twice(tmp_path):
+    """The same features twice is harmless; two different rows for one SMILES are refused."""
+    path = tmp_path / "features.npz"
+    np.savez(path, smiles=np.array(["CCO", "O", "CCO"]), features=np.array([[1.0], [2.0], [1.0]], np.float32))
+    np.testing.assert_array_equal(compound_features(f"chemberta:{path}", ["O", "CCO"]), [[2.0], [1.0]])
+    np.savez(path, smiles=np.array(["CCO", "O", "CCO"]), features=np.array([[1.0], [2.0], [3.0]], np.float32))
+    with pytest.raises(UserError, match=f"^{path}: SMILES 'CCO' has rows 0 and 2 with different features"):
         compound_features(f"chemberta:{path}", ["CCO"])
 
 

@@ -47,11 +47,14 @@ def cached_features(kind: str, smiles: Sequence[str], settings: dict, compute: C
 
 def _parse_options(text: str, defaults: dict, spec: str) -> dict:
     """`key=value,...` into typed options; unknown keys or bad values are user errors."""
-    options = dict(defaults)
+    options, given = dict(defaults), set()
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in defaults:
             raise UserError(f"feature spec {spec!r}: unknown option {key!r}; valid: {', '.join(defaults)}")
+        if key in given:
+            raise UserError(f"feature spec {spec!r}: option {key!r} given twice")
+        given.add(key)
         try:
             if isinstance(defaults[key], bool):
                 options[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
@@ -77,6 +80,11 @@ def _check_feature_file(path, smiles, features):
         row, column = (int(i) for i in np.argwhere(~finite)[0])
         raise UserError(f"{path}: 'features' has value {features[row, column]}, not a finite float32, at row {row} "
                         f"(SMILES {str(smiles[row])!r}), column {column}; regenerate it")
+    first = {}
+    for row, text in enumerate(smiles.tolist()):
+        if first.setdefault(text, row) != row and not np.array_equal(features[first[text]], features[row]):
+            raise UserError(f"{path}: SMILES {text!r} has rows {first[text]} and {row} with different features;"
+                            " regenerate it")
 
 
 def load_feature_file(path, smiles: Sequence[str]) -> np.ndarray:
