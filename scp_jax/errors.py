@@ -1,6 +1,7 @@
 """The one error type users see: bad input or config, reported in one line with exit code 2; and
 Ctrl-C, reported in one line with exit code 130."""
 
+import argparse
 import contextlib
 import functools
 import os
@@ -13,6 +14,15 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ende
 
 class UserError(Exception):
     """A problem with the user's files, flags or config (not a bug): one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in one line, `error: ...` and exit code 2, like every other bad input
+    (argparse prints its usage first); the usage is one --help away."""
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def cli_main(main):

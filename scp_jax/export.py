@@ -26,7 +26,7 @@ import numpy as np
 
 from scp_jax.atomic import atomic_path
 from scp_jax.config import run_config_path
-from scp_jax.errors import UserError, cli_main
+from scp_jax.errors import ArgumentParser, UserError, cli_main
 from scp_jax.predictor import FORMAT, MANIFEST, arrays_digest
 
 PACKAGES = ("scp-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -95,7 +95,7 @@ def write_npz(path, arrays, manifest):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m scp_jax.export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m scp_jax.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True, help="model.npz to write")
     which = parser.add_mutually_exclusive_group()

@@ -8,12 +8,12 @@ import argparse
 import zipfile
 from pathlib import Path
 
-from scp_jax.errors import UserError, cli_main
+from scp_jax.errors import ArgumentParser, UserError, cli_main
 from scp_jax.predictor import AGGREGATES, Predictor, read_npz
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m scp_jax.predict", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m scp_jax.predict", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="run dir or model.npz from `python -m scp_jax.export`")
     parser.add_argument("--id-map", required=True, help="id_map.csv: id, cell_type, sm_name")
     parser.add_argument("--data", help="training parquet; its gene columns must match the model's")

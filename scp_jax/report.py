@@ -5,14 +5,13 @@ how each member's validation score moved, how training went, and whether the ens
 and the simple baselines.
 """
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
 from scp_jax.atomic import atomic_path
-from scp_jax.errors import UserError, cli_main
+from scp_jax.errors import ArgumentParser, UserError, cli_main
 
 METRICS = ("train_loss", "val_mrrmse", "running")
 STATUS_COLORS = {"completed": "C0", "early_stopped": "C2", "diverged": "C3"}
@@ -160,7 +159,7 @@ def draw(run_dir):
 
 @cli_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m scp_jax.report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m scp_jax.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
     if not Path(args.run_dir).is_dir():

@@ -4,7 +4,6 @@ Flags are shorthands for config keys (`--ensemble 20` is `--set ensemble=20`), s
 `config.toml` in the run dir is always the whole truth about a run.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -17,14 +16,14 @@ import numpy as np
 
 from scp_jax.atomic import write_text
 from scp_jax.config import load_config, run_config_path, to_toml
-from scp_jax.errors import UserError, cli_main, exit_on_interrupt
+from scp_jax.errors import ArgumentParser, UserError, cli_main, exit_on_interrupt
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
 FLAG_KEYS = {"ensemble": "ensemble", "epochs": "epochs", "seed": "seed", "data": "data.train", "id_map": "data.id_map"}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m scp_jax.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m scp_jax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML config (default: configs/default.toml)")
     parser.add_argument("--ensemble", type=int, help="number of members (seeds x folds)")
     parser.add_argument("--epochs", type=int)

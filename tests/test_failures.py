@@ -114,3 +114,20 @@ def test_missing_default_config_is_an_error(tmp_path, cli_error, monkeypatch):
     """A non-editable install lacks configs/: no silent fall back to the code's defaults, another recipe."""
     monkeypatch.setattr(train, "DEFAULT_CONFIG", tmp_path / "configs" / "default.toml")
     assert "default config not found" in cli_error(train.main, ["--epochs", "2"])
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("scp_jax.train", ["--bogus"], "error: unrecognized arguments: --bogus; see python -m scp_jax.train --help"),
+    ("scp_jax.export", ["run", "--out", "m.npz", "--step", "-1"],
+     "error: argument --step: expected a step number or 'best', got '-1'; see python -m scp_jax.export --help"),
+    ("scp_jax.predict", ["m.npz"], "error: the following arguments are required: --id-map, --out;"),
+    ("scp_jax.data.__main__", ["synth", "--genes", "x"], "error: argument --genes: invalid int value: 'x';"
+     " see python -m scp_jax.data synth --help"),
+    ("scp_jax.features.__main__", ["morgan"], "error: the following arguments are required: --out;"),
+    ("scp_jax.report", [], "error: the following arguments are required: run_dir;"),
+])
+def test_bad_flags_are_one_line_errors(cli_error, module, argv, message):
+    """argparse's own errors too (it prints its usage first)."""
+    import importlib
+
+    assert cli_error(importlib.import_module(module).main, argv).startswith(message)

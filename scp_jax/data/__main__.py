@@ -1,14 +1,13 @@
 """python -m scp_jax.data {synth,score,check}: make synthetic worlds, score submissions, validate files."""
 
-import argparse
 import time
 
 from scp_jax.data.dataset import load_id_map, load_train
-from scp_jax.errors import cli_main
+from scp_jax.errors import ArgumentParser, cli_main
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m scp_jax.data", description=__doc__)
+    parser = ArgumentParser(prog="python -m scp_jax.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write a synthetic world (de_train, id_map, hidden answers)")
     synth.add_argument("--out", required=True, help="world directory to write")

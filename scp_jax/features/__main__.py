@@ -4,19 +4,18 @@ The output `.npz` holds `sm_name`, `smiles` (the training set's compound vocabul
 order) and float32 `features`, one row per compound; configs use it as `chemberta:FILE.npz`.
 """
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
 from scp_jax.atomic import atomic_path
-from scp_jax.errors import UserError, cli_main
+from scp_jax.errors import ArgumentParser, UserError, cli_main
 from scp_jax.features.molecular import morgan_fingerprints, rdkit_descriptors, smiles_errors_of
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m scp_jax.features", description=__doc__)
+    parser = ArgumentParser(prog="python -m scp_jax.features", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     chemberta = commands.add_parser("chemberta", help="ChemBERTa embeddings (Flax port, weights from disk)")
     chemberta.add_argument("--model", default="DeepChem/ChemBERTa-77M-MTR", help="HF id in the local cache, or DIR")
