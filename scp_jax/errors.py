@@ -49,16 +49,19 @@ def exit_on_interrupt(farewell):
     on stderr and exit code 130. A KeyboardInterrupt would first wait for the device to finish its
     chunk, then unwind through XLA's and Orbax's threads: a traceback flood, or a crash at exit. The
     signal wakes a watcher thread through Python's wakeup fd, so the main thread may stay blocked.
-    An inherited "ignore SIGINT" (a background job) is respected."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    An inherited "ignore SIGINT" (a background job), or a handler Python cannot restore (installed
+    from C), is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None)):
         yield
         return
     read, write = os.pipe()
     os.set_blocking(write, False)
+    leaving = threading.Event()  # set: a SIGINT is the restored handler's (one exit path, never two)
 
     def watch():
         while byte := os.read(read, 1):  # b"": the pipe closed on leaving
-            if byte[0] == signal.SIGINT:
+            if byte[0] == signal.SIGINT and not leaving.is_set():
                 try:
                     line = farewell()
                 except Exception as err:  # the process is ending anyway: say why the farewell failed
@@ -74,6 +77,7 @@ def exit_on_interrupt(farewell):
     try:
         yield
     finally:
+        leaving.set()
         signal.signal(signal.SIGINT, previous_handler)
         signal.set_wakeup_fd(previous_fd)
         os.close(write)

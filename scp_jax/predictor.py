@@ -14,6 +14,8 @@ import tomllib
 
 import numpy as np
 
+from scp_jax.errors import UserError
+
 MANIFEST = "manifest"
 FORMAT = "scp-jax-npz/1"
 
@@ -72,7 +74,8 @@ def read_npz(path):
         manifest = json.loads(str(npz[MANIFEST]))
     recorded = manifest.get("arrays_sha256")
     if recorded is not None and recorded != arrays_digest(arrays):
-        raise ValueError("its arrays differ from what was exported: edited or damaged since; export the run again")
+        raise UserError(f"{path}: its arrays differ from what was exported (edited or damaged since); export the run"
+                        " again")
     return arrays, manifest
 
 

@@ -79,12 +79,13 @@ def resolve_inputs(config):
 METRICS_FILES = ("metrics.jsonl", "metrics-stage1.jsonl")
 
 
-def untouched_start(run_dir, epochs_logged=False):
-    """Whether RUN_DIR holds exactly what a run writes before its first epoch (or, `epochs_logged`, before
-    its first checkpoint): config.toml, metrics files (empty) and an empty checkpoints/."""
+def untouched_start(run_dir, with_metrics=False):
+    """Whether RUN_DIR holds exactly what a run writes before its first epoch: config.toml, empty metrics
+    files and an empty checkpoints/ (`with_metrics`: metrics files with epochs in them too, a run that
+    has checkpointed nothing yet)."""
     names = {path.name for path in run_dir.iterdir()}
     return ({"config.toml", "metrics.jsonl", "checkpoints"} <= names <= {"config.toml", *METRICS_FILES, "checkpoints"}
-            and (epochs_logged or all((run_dir / name).stat().st_size == 0 for name in names & set(METRICS_FILES)))
+            and (with_metrics or all((run_dir / name).stat().st_size == 0 for name in names & set(METRICS_FILES)))
             and not any((run_dir / "checkpoints").iterdir()))
 
 
@@ -108,17 +109,19 @@ def prepare_run_dir(out, resume=False):
     return run_dir, created
 
 
-def discard_start(run_dir, created, epochs_logged=False):
-    """Remove an untouched start (`epochs_logged`: one with nothing checkpointed yet) and the folders made
-    for it: a run stopped by bad config or input before its first epoch, or interrupted before its first
-    checkpoint, leaves nothing behind. Best effort: a folder another run has since put files in stays,
-    and what stopped the run is what the user sees. Whether it removed the start."""
+def discard_start(run_dir, created, with_metrics=False):
+    """Remove an untouched start (`with_metrics`: see untouched_start) and the folders made for it: a run
+    stopped by bad config or input before its first epoch, or interrupted before its first checkpoint,
+    leaves nothing behind. Best effort: a folder another run has since put files in stays, and what
+    stopped the run is what the user sees. Whether it removed the start."""
     with contextlib.suppress(OSError):
-        if not untouched_start(run_dir, epochs_logged):
+        if not untouched_start(run_dir, with_metrics):
             return False
+        # checkpoints/ first: its rmdir fails, touching nothing else, if a save began meanwhile
+        (run_dir / "checkpoints").rmdir()
         for path in run_dir.iterdir():
-            path.rmdir() if path.is_dir() else path.unlink()
-        print(f"run dir {run_dir} removed again: nothing was {'checkpointed' if epochs_logged else 'trained'}",
+            path.unlink()
+        print(f"run dir {run_dir} removed again: nothing was {'checkpointed' if with_metrics else 'trained'}",
               flush=True)  # the header named it
         for folder in created:
             folder.rmdir()
@@ -126,14 +129,15 @@ def discard_start(run_dir, created, epochs_logged=False):
     return False
 
 
-def interrupted(run_dir, created, resumed):
-    """The line Ctrl-C during training ends with: where to resume from, or that nothing was kept (then
-    the run dir is removed, so its --out can be used again)."""
-    directory = run_dir / "checkpoints"
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-    if steps:  # Orbax renames a step's folder to its number once the step is complete
+def interrupt_farewell(run_dir, created, resumed):
+    """The line Ctrl-C during training ends with: where to resume from, or that nothing was kept, in
+    which case it removes the run dir, so its --out can be used again."""
+    from scp_jax.engine.checkpoint import complete_steps
+
+    steps = complete_steps(run_dir / "checkpoints")
+    if steps:
         return f"interrupted: {run_dir} keeps checkpoints up to epoch {steps[-1]}; continue with --resume {run_dir}"
-    if not resumed and discard_start(run_dir, created, epochs_logged=True):
+    if not resumed and discard_start(run_dir, created, with_metrics=True):
         return "interrupted before the first checkpoint: nothing kept"
     return f"interrupted before the first checkpoint: nothing to resume in {run_dir}"
 
@@ -253,7 +257,7 @@ def main(argv=None):
     run_dir = Path(broadcast_text(chosen))  # a default --out is a timestamp: process 0's
 
     start = time.perf_counter()
-    farewell = (lambda: interrupted(run_dir, created, bool(args.resume))) if writer else (lambda: "interrupted")
+    farewell = (lambda: interrupt_farewell(run_dir, created, bool(args.resume))) if writer else (lambda: "interrupted")
     try:
         if writer and not args.resume:
             write_text(run_dir / "config.toml", to_toml(config))

@@ -350,7 +350,8 @@ def test_resume_refuses_an_edited_config(runs, tmp_path, cli_error):
 
 
 def test_resume_refuses_a_changed_features_file(runs, tmp_path, cli_error):
-    """A features file is named, not fingerprinted, by the config: the tables it gave are compared."""
+    """A features file is named, not fingerprinted, by the config: the tables it gave are compared, to
+    float32 rounding (embeddings computed on another device may differ in their last bits)."""
     from scp_jax.features.__main__ import main as features_main
     from scp_jax.train import main as train_main
 
@@ -361,6 +362,8 @@ def test_resume_refuses_a_changed_features_file(runs, tmp_path, cli_error):
                 "--ensemble", "2", "--epochs", "2", "--set", "checkpoint_every=2", "--set", "epochs_per_chunk=2",
                 "--set", "model.hidden=[8]", "--set", f"features=['onehot', 'chemberta:{features}']"])
     stored = dict(np.load(features))
+    np.savez(features, **dict(stored, features=np.nextafter(stored["features"], np.float32(2))))  # 1 ulp: resumes
+    train_main(["--resume", str(run)])
     np.savez(features, **dict(stored, features=stored["features"] + 1))
     cli_error(train_main, ["--resume", run], "2: checkpoint step 2 was trained on another features.compound table than"
               f" features ['onehot', 'chemberta:{features}'] now give")

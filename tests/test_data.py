@@ -236,6 +236,17 @@ def test_submission_with_a_repeated_column(tmp_path, header, message):
         read_submission(tmp_path / "sub.csv", np.arange(1), ("A", "B"))
 
 
+def test_id_map_oddities(world, cli_error):
+    """'-0' and '0' are two ids, not one integer twice; rows ending in a comma read as the header says."""
+    text = (world / "id_map.csv").read_text().splitlines()
+    (world / "id_map.csv").write_text("\n".join([text[0], *(line + "," for line in text[1:])]) + "\n")
+    train = load_train(world / "de_train.parquet")
+    queries = load_id_map(world / "id_map.csv", train)
+    assert queries.ids.tolist() == list(range(len(text) - 1)) and queries.cell_type[0] == text[1].split(",")[1]
+    (world / "id_map.csv").write_text("\n".join([text[0], text[1], "-" + text[1]]) + "\n")
+    assert load_id_map(world / "id_map.csv", train).ids.tolist() == ["0", "-0"]
+
+
 def test_submission_with_an_empty_id(tmp_path):
     from scp_jax.errors import UserError
 

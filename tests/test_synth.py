@@ -182,6 +182,8 @@ def _break_smiles(table):
 @pytest.mark.parametrize("name, change, message", [
     ("compounds_smiles.csv", lambda t: t.drop(columns="role"), "compounds_smiles.csv: missing required column 'role'"),
     ("compounds_smiles.csv", _break_smiles, "compounds_smiles.csv: invalid SMILES 'C1CC(' for compound"),
+    ("compounds_smiles.csv", lambda t: _break_smiles(t).replace("C1CC(", None),
+     "compounds_smiles.csv: invalid SMILES '' for compound"),
     ("id_map.csv", lambda t: t.assign(sm_name=t["sm_name"].where(t.index != 2, "Unobtainium")),
      "id_map.csv: row 2: ('B cells', 'Unobtainium') is no cell type x training compound of the world"),
     ("genes.txt", lambda genes: genes[:3] + genes[:1], "genes.txt: gene 'A1BG' is listed twice"),

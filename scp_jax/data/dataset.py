@@ -244,11 +244,11 @@ def read_csv(path, text=(), required=()):
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:  # pandas renames a repeated column: 'G1.1'
             _refuse_repeated_columns(next(csv.reader(file), []), path)
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, index_col=False)  # rows with a trailing comma: no first column as the index
         text = [column for column in text if column in frame.columns]
         if text:  # by name: usecols gives the columns in the file's order
-            written = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False, na_values=[""])
-            frame[text] = written[text]
+            written = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+            frame[text] = written[text].to_numpy()
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{path}: not a readable CSV file ({_first_line(err)})") from None
     missing = [column for column in required if column not in frame.columns]
@@ -261,7 +261,7 @@ def parse_ids(text):
     """An id column's values from their text: integers when every id is written as one (Kaggle's 0..254,
     so a submission writes them back unquoted), else the text itself ('007' stays '007')."""
     text = np.asarray(text, dtype=object)
-    if all(re.fullmatch(r"-?(0|[1-9][0-9]{0,17})", value) for value in text):
+    if all(re.fullmatch(r"0|-?[1-9][0-9]{0,17}", value) for value in text):  # one text per integer: not '-0'
         return text.astype(np.int64)
     return text
 

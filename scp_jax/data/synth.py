@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from scp_jax.atomic import atomic_path, default_mode, write_text
 from scp_jax.config import MAX_SYNTH_GENES
-from scp_jax.data.dataset import ID_MAP_COLUMNS, read_csv
+from scp_jax.data.dataset import ID_MAP_COLUMNS, read_csv, read_id_map
 from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
 from scp_jax.errors import UserError
 
@@ -144,11 +144,12 @@ def morgan_bits(smiles, radius, n_bits):
 
 
 def _invalid_smiles(smiles):
-    """The first SMILES RDKit cannot parse, or None."""
+    """The row of the first SMILES RDKit cannot parse (or an empty one), or None."""
     from rdkit import Chem, rdBase
 
     with rdBase.BlockLogs():
-        return next((text for text in smiles if Chem.MolFromSmiles(str(text)) is None), None)
+        return next((row for row, text in enumerate(smiles)
+                     if not isinstance(text, str) or Chem.MolFromSmiles(text) is None), None)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -216,12 +217,13 @@ def _reference_layout(rng, reference, n_genes):
     if repeated is not None:
         raise UserError(f"{reference / 'genes.txt'}: gene {repeated!r} is "
                         + ("the name of a submission's key column" if repeated == "id" else "listed twice"))
-    table = read_csv(reference / "compounds_smiles.csv", required=REFERENCE_COMPOUND_COLUMNS)
+    table = read_csv(reference / "compounds_smiles.csv", text=("sm_name", "SMILES"), required=REFERENCE_COMPOUND_COLUMNS)
     table = table[table["in_de_train"].astype(bool)].reset_index(drop=True)
     invalid = _invalid_smiles(table["SMILES"])
     if invalid is not None:
-        raise UserError(f"{reference / 'compounds_smiles.csv'}: invalid SMILES {invalid!r} for compound"
-                        f" {table['sm_name'][int(np.flatnonzero(table['SMILES'] == invalid)[0])]!r}")
+        smiles = table["SMILES"][invalid]
+        raise UserError(f"{reference / 'compounds_smiles.csv'}: invalid SMILES {smiles if isinstance(smiles, str) else ''!r}"
+                        f" for compound {table['sm_name'][invalid]!r}")
     compounds = pd.DataFrame({
         "sm_name": table["sm_name"].astype(str),
         "sm_lincs_id": table["sm_lincs_id"].astype(str),
@@ -229,7 +231,7 @@ def _reference_layout(rng, reference, n_genes):
         "control": table["role"].eq("positive_control"),
     })
     with_held_out = list(table.loc[table["train_has_B_Myeloid"].astype(bool), "sm_name"])
-    queries = read_csv(reference / "id_map.csv", required=ID_MAP_COLUMNS)[list(ID_MAP_COLUMNS)]
+    queries = pd.DataFrame(dict(zip(ID_MAP_COLUMNS, read_id_map(reference / "id_map.csv"))))
     unknown = ~queries["sm_name"].isin(compounds["sm_name"]) | ~queries["cell_type"].isin(CELL_TYPES)
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])

@@ -107,6 +107,13 @@ def kept_steps(directory):
     return steps
 
 
+def complete_steps(directory):
+    """The complete steps on disk, oldest first, from folder names alone (Orbax renames a step's folder
+    to its number once the step is complete): no Orbax manager, so it may run while one is saving."""
+    directory = Path(directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
 def latest_step(directory):
     """The newest complete step, or a UserError saying there is none."""
     return kept_steps(directory)[-1]
