@@ -7,6 +7,7 @@ Flags are shorthands for config keys (`--ensemble 20` is `--set ensemble=20`), s
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import time
@@ -16,7 +17,7 @@ import numpy as np
 
 from scp_jax.atomic import write_text
 from scp_jax.config import load_config, run_config_path, to_toml
-from scp_jax.errors import ArgumentParser, UserError, cli_main, exit_on_interrupt
+from scp_jax.errors import ArgumentParser, UserError, cli_main, exit_on_signal
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
 FLAG_KEYS = {"ensemble": "ensemble", "epochs": "epochs", "seed": "seed", "data": "data.train", "id_map": "data.id_map"}
@@ -129,17 +130,18 @@ def discard_start(run_dir, created, with_metrics=False):
     return False
 
 
-def interrupt_farewell(run_dir, created, resumed):
-    """The line Ctrl-C during training ends with: where to resume from, or that nothing was kept, in
-    which case it removes the run dir, so its --out can be used again."""
+def interrupt_farewell(run_dir, created, resumed, word):
+    """The line a run stopped by a signal while training ends with ("interrupted" by Ctrl-C,
+    "terminated" by SIGTERM): where to resume from, or that nothing was kept, in which case it removes
+    the run dir, so its --out can be used again."""
     from scp_jax.engine.checkpoint import complete_steps
 
     steps = complete_steps(run_dir / "checkpoints")
     if steps:
-        return f"interrupted: {run_dir} keeps checkpoints up to epoch {steps[-1]}; continue with --resume {run_dir}"
+        return f"{word}: {run_dir} keeps checkpoints up to epoch {steps[-1]}; continue with --resume {run_dir}"
     if not resumed and discard_start(run_dir, created, with_metrics=True):
-        return "interrupted before the first checkpoint: nothing kept"
-    return f"interrupted before the first checkpoint: nothing to resume in {run_dir}"
+        return f"{word} before the first checkpoint: nothing kept"
+    return f"{word} before the first checkpoint: nothing to resume in {run_dir}"
 
 
 def truncate_metrics(path, epoch):
@@ -257,11 +259,11 @@ def main(argv=None):
     run_dir = Path(broadcast_text(chosen))  # a default --out is a timestamp: process 0's
 
     start = time.perf_counter()
-    farewell = (lambda: interrupt_farewell(run_dir, created, bool(args.resume))) if writer else (lambda: "interrupted")
+    farewell = functools.partial(interrupt_farewell, run_dir, created, bool(args.resume)) if writer else (lambda word: word)
     try:
         if writer and not args.resume:
             write_text(run_dir / "config.toml", to_toml(config))
-        with exit_on_interrupt(farewell), \
+        with exit_on_signal(farewell), \
                 Checkpointer(run_dir / "checkpoints", config, train, bool(args.resume), queries) as checkpointer:
             log = ChunkLog(run_dir / "metrics.jsonl", config) if writer else None
             stage1_log = None

@@ -89,31 +89,31 @@ def test_resume_after_sigkill_is_bit_identical(runs):
     assert any(k.startswith("opt_state.") and k.endswith("mu.head.kernel") for k in a) and "best_params.head.kernel" in a
 
 
-def interrupt_when_stalled(process, epoch):
-    """Ctrl-C (SIGINT) a run held by STALL_ENV after `epoch`; (exit code, its output after the stall)."""
+def signal_when_stalled(process, epoch, number):
+    """Send signal `number` to a run held by STALL_ENV after `epoch`; (exit code, its output after the stall)."""
     for line in process.stdout:
         if line.startswith(f"stalled after epoch {epoch}"):
             break
-    os.kill(process.pid, signal.SIGINT)
+    os.kill(process.pid, number)
     output, _ = process.communicate(timeout=60)
     return process.returncode, output
 
 
-@pytest.mark.parametrize("epoch", [2, 4])
-def test_ctrl_c_ends_a_run_in_one_line_and_keeps_what_resumes(runs, tmp_path, epoch):
+@pytest.mark.parametrize("epoch, number, word, code", [(2, signal.SIGINT, "interrupted", 130),
+                                                       (4, signal.SIGINT, "interrupted", 130),
+                                                       (4, signal.SIGTERM, "terminated", 143)])
+def test_ctrl_c_or_sigterm_ends_a_run_in_one_line_and_keeps_what_resumes(runs, tmp_path, epoch, number, word, code):
     """With a checkpoint on disk: the line says where to resume from; without one: the run dir goes,
     so its --out can be used again. Never a traceback (KeyboardInterrupt unwound through XLA and Orbax)."""
-    run = tmp_path / "runs" / "interrupted"
+    run = tmp_path / "runs" / "stopped"
     process = cli("scp_jax.train", "--data", runs["world"] / "de_train.parquet", "--out", run, *RUN,
                   environ=env(runs["tmp"], **{STALL_ENV: str(epoch)}))
-    code, output = interrupt_when_stalled(process, epoch)
-    assert code == 130
-    if epoch == 4:  # checkpoint_every = 3
-        assert output == f"interrupted: {run} keeps checkpoints up to epoch 3; continue with --resume {run}\n"
+    assert signal_when_stalled(process, epoch, number) == (code, (
+        f"{word}: {run} keeps checkpoints up to epoch 3; continue with --resume {run}\n" if epoch == 4  # every 3
+        else f"run dir {run} removed again: nothing was checkpointed\n{word} before the first checkpoint: nothing kept\n"))
+    if epoch == 4:
         assert latest_step(run / "checkpoints") == 3
     else:
-        assert output == (f"run dir {run} removed again: nothing was checkpointed\n"
-                          "interrupted before the first checkpoint: nothing kept\n")
         assert not (tmp_path / "runs").exists()
 
 

@@ -133,13 +133,13 @@ def test_bad_flags_are_one_line_errors(cli_error, module, argv, message):
     assert cli_error(importlib.import_module(module).main, argv).startswith(message)
 
 
-def test_exit_on_interrupt_restores_what_it_replaced_and_respects_an_ignored_sigint():
+def test_exit_on_signal_restores_what_it_replaced_and_respects_an_ignored_sigint():
     import signal
 
-    from scp_jax.errors import exit_on_interrupt
+    from scp_jax.errors import exit_on_signal
 
     before = signal.getsignal(signal.SIGINT)
-    with exit_on_interrupt(lambda: "bye"):
+    with exit_on_signal(lambda word: "bye"):
         assert signal.getsignal(signal.SIGINT) is not before
     assert signal.getsignal(signal.SIGINT) is before
     previous_fd = signal.set_wakeup_fd(-1)  # what it restored
@@ -147,7 +147,7 @@ def test_exit_on_interrupt_restores_what_it_replaced_and_respects_an_ignored_sig
     assert previous_fd == -1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's
     try:
-        with exit_on_interrupt(lambda: "bye"):
+        with exit_on_signal(lambda word: "bye"):
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
