@@ -340,13 +340,22 @@ def load_config(path=None, overrides=()):
             node = node.setdefault(table, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {item!r}: {table!r} is not a table")
-        node[leaf] = _parse_value(text.strip())
+        value = _parse_value(text.strip())
+        # A table given inline (`model={kind="mlp"}`) overrides the keys it names, as dotted keys would,
+        # not the whole table: the file's other model keys stay.
+        node[leaf] = _merged(node[leaf], value) if isinstance(value, dict) and isinstance(node.get(leaf), dict) else value
     try:
         return _build(Config, values)
     except UserError as err:  # a value of the file alone (a run dir's config.toml on --resume): name the file
         if path is None or overrides or not str(err).startswith("config: "):
             raise
         raise UserError(f"{path}: {str(err).removeprefix('config: ')}") from None
+
+
+def _merged(base, override):
+    """`base` with `override`'s keys replaced, tables within tables merged alike."""
+    return {**base, **{key: _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+                       else value for key, value in override.items()}}
 
 
 def _toml_value(value):

@@ -62,6 +62,12 @@ def test_member_count_and_factorized_sides_are_checked_before_any_work():
     load_config(None, ["features=['morgan:bits=16']"])  # an MLP takes compound features alone
 
 
+def test_an_inline_table_override_keeps_the_files_other_keys(tmp_path):
+    (tmp_path / "c.toml").write_text("[model]\nkind = 'resmlp'\nhidden = [16]\n")
+    config = load_config(tmp_path / "c.toml", ['model={kind="mlp", dropout=0.1}'])
+    assert (config.model.kind, config.model.hidden, config.model.dropout) == ("mlp", (16,), 0.1)
+
+
 def test_a_bad_value_of_a_config_file_alone_names_the_file(tmp_path):
     (tmp_path / "config.toml").write_text("epochs = 'x'\n")
     with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'config.toml'}: epochs must be int, got 'x'")):
