@@ -51,12 +51,16 @@ def device_label():
 
 
 def measure(recipe, ensemble, overrides, work, report_png):
+    from scp_jax.config import load_config
     from scp_jax.data.score import ORACLES, score
     from scp_jax.data.synth import default_world
 
     run_dir, seconds = run_recipe(recipe, ensemble, overrides, work)
     cv = json.loads((run_dir / "cv.json").read_text())
-    hidden = score(default_world(), run_dir / "submission.csv")
+    data = load_config(run_dir / "config.toml").data  # the world it trained on, e.g. with --set data.synth_genes=64
+    if data.train:
+        raise SystemExit(f"{recipe}: trained on {data.train}, which has no hidden truth to score against")
+    hidden = score(default_world(genes=data.synth_genes, seed=data.synth_seed), run_dir / "submission.csv")
     shutil.copyfile(run_dir / "report.png", report_png)
     return {"recipe": recipe, "overrides": list(overrides), "members": len(cv["members"]), "scheme": cv["scheme"],
             "seconds": round(seconds, 1), "device": device_label(), "cv": cv["ensemble_cv_mrrmse"], "cv_baselines": cv["baselines_cv_mrrmse"],

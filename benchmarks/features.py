@@ -4,7 +4,7 @@ For each feature set x CV scheme: train an ensemble on de_train with the id_map 
 its CV MRRMSE beside the MRRMSE of its submission against hidden/truth.parquet. Writes
 `features.md` and `features.json` to --out.
 
-    python benchmarks/features.py [--quick] [--out benchmarks/results]
+    python benchmarks/features.py [--quick] [--out benchmarks/results]   # --quick writes features-quick.*
 """
 
 import argparse
@@ -114,7 +114,8 @@ def markdown(report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: 64 genes, 2 members, 2 epochs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                        help="folder for features.{json,md} (features-quick.* with --quick: the committed results stay)")
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     start = time.perf_counter()
@@ -125,8 +126,9 @@ def main(argv=None):
     settings["seconds"] = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "features.json", json.dumps(report, indent=2) + "\n")
-    write_text(out / "features.md", markdown(report))
+    stem = "features-quick" if args.quick else "features"
+    write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / f"{stem}.md", markdown(report))
     print(markdown(report))
 
 

@@ -115,12 +115,11 @@ def step_arg(text):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    if not Path(args.run_dir).is_dir():
-        raise UserError(f"{args.run_dir}: run dir not found")
-    arrays, manifest = export_run(args.run_dir, args.which or "best", args.step)
+    arrays, manifest = export_run(args.run_dir, args.which or "best", args.step)  # a UserError for no run dir
     write_npz(args.out, arrays, manifest)
     members = len(manifest["members"])
-    print(f"exported {members} members ({manifest['params']} params, epoch {manifest['epoch']}) -> {args.out}")
+    print(f"exported {members} members ({manifest['params']}-epoch params of checkpoint step {manifest['epoch']})"
+          f" -> {args.out}")
 
 
 if __name__ == "__main__":
