@@ -298,7 +298,7 @@ def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys, cl
 
     scores = {step: restore_items(runs["straight"] / "checkpoints", step)[2]["mean_val_mrrmse"] for step in (3, 6)}
     export_main([str(runs["straight"]), "--last", "--step", "best", "--out", str(tmp_path / "m.npz")])
-    assert f"epoch {min(scores, key=scores.get)})" in capsys.readouterr().out
+    assert f"checkpoint step {min(scores, key=scores.get)})" in capsys.readouterr().out
     id_map = pd.read_csv(runs["world"] / "id_map.csv")
     id_map.loc[3, "cell_type"] = "Neurons"
     id_map.to_csv(tmp_path / "unknown.csv", index=False)
