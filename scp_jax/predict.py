@@ -1,7 +1,8 @@
 """`python -m scp_jax.predict RUN_DIR|model.npz --id-map CSV --out submission.csv`: predict with numpy.
 
 A model.npz runs without jax; a RUN_DIR is exported on the fly (best-epoch parameters of its latest
-checkpoint). Cell types and compounds must be in the model's training vocabulary.
+checkpoint) and predicts its own id map unless given another. Cell types and compounds must be in
+the model's training vocabulary.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from scp_jax.predictor import AGGREGATES, Predictor, read_npz
 def parse_args(argv):
     parser = ArgumentParser(prog="python -m scp_jax.predict", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="run dir or model.npz from `python -m scp_jax.export`")
-    parser.add_argument("--id-map", required=True, help="id_map.csv: id, cell_type, sm_name")
+    parser.add_argument("--id-map", help="id_map.csv: id, cell_type, sm_name (default for a run dir: the run's own)")
     parser.add_argument("--data", help="training parquet; its gene columns must match the model's")
     parser.add_argument("--out", required=True, help="submission.csv to write")
     parser.add_argument("--aggregate", choices=AGGREGATES,
@@ -58,6 +59,19 @@ def read_queries(path, model, source):
             id_map_index(path, "sm_name", sm_name, model.manifest["compounds"], source))
 
 
+def run_id_map(model):
+    """The id map a run dir trained with (its --id-map, the one beside its data, or the built-in world's)."""
+    if not Path(model).is_dir():
+        raise UserError(f"{model}: a model.npz needs --id-map (a run dir defaults to its own)")
+    from scp_jax.config import load_config, run_config_path
+    from scp_jax.train import resolve_inputs
+
+    id_map = resolve_inputs(load_config(run_config_path(model)))[1]
+    if id_map is None:
+        raise UserError(f"{model}: the run had no id map; pass --id-map")
+    return id_map
+
+
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
@@ -66,7 +80,7 @@ def main(argv=None):
 
     if args.data and list(gene_columns(args.data)) != model.genes:
         raise UserError(f"{args.data}: gene columns differ from the {len(model.genes)} genes the model was trained on")
-    ids, cell_index, compound_index = read_queries(args.id_map, model, args.model)
+    ids, cell_index, compound_index = read_queries(args.id_map or run_id_map(args.model), model, args.model)
     try:
         predictions = model.predict(cell_index, compound_index, aggregate=args.aggregate, clip=args.clip)
     except ValueError as err:

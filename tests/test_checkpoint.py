@@ -188,6 +188,12 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_er
                              "--aggregate", "weighted"], "export the run again")
     assert not (tmp_path / "old.csv").exists()
 
+    # A run dir predicts its own id map by default: its submission, to float32 rounding.
+    predict_main([str(runs["straight"]), "--out", str(tmp_path / "own.csv")])
+    own, submitted = (pd.read_csv(path) for path in (tmp_path / "own.csv", runs["straight"] / "submission.csv"))
+    assert own["id"].tolist() == submitted["id"].tolist()
+    np.testing.assert_allclose(own.to_numpy()[:, 1:].astype(float), submitted.to_numpy()[:, 1:].astype(float), atol=1e-5)
+
     # A model edited after export (a bias dropped, a weight changed) is refused, not predicted from.
     stored, manifest = read_npz(model)
     stored["params.head.kernel"][0, 0, 0] += 1.0
@@ -315,6 +321,7 @@ def test_export_step_and_predict_refusals_in_one_line(runs, tmp_path, capsys, cl
         (predict_main, [tmp_path / "text.npz", "--id-map", good, "--out", tmp_path / "s.csv"], "text.npz: not an npz archive"),
         (predict_main, [model, "--id-map", good, "--out", tmp_path], "cannot write (Is a directory)"),
     ]
+    cases.append((predict_main, [model, "--out", tmp_path / "s.csv"], "m.npz: a model.npz needs --id-map"))
     for main, argv, message in cases:
         cli_error(main, argv, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz", "repeated.csv", "text.npz", "unknown.csv"]

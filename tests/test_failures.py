@@ -120,7 +120,7 @@ def test_missing_default_config_is_an_error(tmp_path, cli_error, monkeypatch):
     ("scp_jax.train", ["--bogus"], "error: unrecognized arguments: --bogus; see python -m scp_jax.train --help"),
     ("scp_jax.export", ["run", "--out", "m.npz", "--step", "-1"],
      "error: argument --step: expected a step number or 'best', got '-1'; see python -m scp_jax.export --help"),
-    ("scp_jax.predict", ["m.npz"], "error: the following arguments are required: --id-map, --out;"),
+    ("scp_jax.predict", ["m.npz"], "error: the following arguments are required: --out;"),
     ("scp_jax.data.__main__", ["synth", "--genes", "x"], "error: argument --genes: invalid int value: 'x';"
      " see python -m scp_jax.data synth --help"),
     ("scp_jax.features.__main__", ["morgan"], "error: the following arguments are required: --out;"),
