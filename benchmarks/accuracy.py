@@ -63,7 +63,8 @@ def measure(recipe, ensemble, overrides, work, report_png):
     hidden = score(default_world(genes=data.synth_genes, seed=data.synth_seed), run_dir / "submission.csv")
     shutil.copyfile(run_dir / "report.png", report_png)
     return {"recipe": recipe, "overrides": list(overrides), "members": len(cv["members"]), "scheme": cv["scheme"],
-            "seconds": round(seconds, 1), "device": device_label(), "cv": cv["ensemble_cv_mrrmse"], "cv_baselines": cv["baselines_cv_mrrmse"],
+            "seconds": round(seconds, 1), "device": device_label(), "cv": cv["ensemble_cv_mrrmse"],
+            "cv_baselines": cv["baselines_cv_mrrmse"],
             "hidden": hidden["submission"], "hidden_baselines": {k: v for k, v in hidden.items()
                                                                  if k not in ("submission", *ORACLES)},
             **{name: hidden.get(name) for name in ORACLES}}

@@ -252,15 +252,17 @@ def main(argv=None):
     chosen, created = "", []
     if writer:
         run_dir, created = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
-        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes"
-              f"{'' if config.data.train else f' (the built-in synthetic world {train_path.parent})'}, {len(members)} members")
+        world = "" if config.data.train else f" (the built-in synthetic world {train_path.parent})"
+        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes{world}, {len(members)} members")
         if queries is None:
             print(f"no {train_path.with_name('id_map.csv')}: no submission.csv (pass --id-map for one)")
         chosen = str(run_dir)
     run_dir = Path(broadcast_text(chosen))  # a default --out is a timestamp: process 0's
 
     start = time.perf_counter()
-    farewell = functools.partial(interrupt_farewell, run_dir, created, bool(args.resume)) if writer else (lambda word: word)
+    farewell = functools.partial(interrupt_farewell, run_dir, created, bool(args.resume))
+    if not writer:  # another process of a multi-process run: process 0 owns the run dir
+        farewell = lambda word: word  # noqa: E731
     try:
         if writer and not args.resume:
             write_text(run_dir / "config.toml", to_toml(config))

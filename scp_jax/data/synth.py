@@ -217,13 +217,14 @@ def _reference_layout(rng, reference, n_genes):
     if repeated is not None:
         raise UserError(f"{reference / 'genes.txt'}: gene {repeated!r} is "
                         + ("the name of a submission's key column" if repeated == "id" else "listed twice"))
-    table = read_csv(reference / "compounds_smiles.csv", text=("sm_name", "SMILES"), required=REFERENCE_COMPOUND_COLUMNS)
+    table = read_csv(reference / "compounds_smiles.csv", text=("sm_name", "SMILES"),
+                     required=REFERENCE_COMPOUND_COLUMNS)
     table = table[table["in_de_train"].astype(bool)].reset_index(drop=True)
     invalid = _invalid_smiles(table["SMILES"])
     if invalid is not None:
-        smiles = table["SMILES"][invalid]
-        raise UserError(f"{reference / 'compounds_smiles.csv'}: invalid SMILES {smiles if isinstance(smiles, str) else ''!r}"
-                        f" for compound {table['sm_name'][invalid]!r}")
+        smiles = table["SMILES"][invalid] if isinstance(table["SMILES"][invalid], str) else ""  # empty: NaN
+        raise UserError(f"{reference / 'compounds_smiles.csv'}: invalid SMILES {smiles!r} for compound"
+                        f" {table['sm_name'][invalid]!r}")
     compounds = pd.DataFrame({
         "sm_name": table["sm_name"].astype(str),
         "sm_lincs_id": table["sm_lincs_id"].astype(str),
