@@ -200,11 +200,13 @@ def test_submission_round_trip(small_world, tmp_path):
 def test_id_map_text_is_kept_as_written(world, tmp_path):
     """Ids with leading zeros stay text (written back as they came, not as 7), and a compound named
     'NA' is a compound, not a missing cell (pandas reads both as other values by default)."""
-    compound = pd.read_csv(world / "id_map.csv")["sm_name"][4]
+    frame = pd.read_csv(world / "id_map.csv", dtype=str)
+    compound = frame["sm_name"][4]
     rewrite_train(world, lambda f: f.assign(sm_name=f["sm_name"].replace(compound, "NA")))
-    (world / "id_map.csv").write_text("".join(
-        line if row == 0 else f"{row - 1:03d},{line.split(',', 1)[1]}".replace(f",{compound}\n", ",NA\n")
-        for row, line in enumerate((world / "id_map.csv").read_text().splitlines(keepends=True))))
+    frame.assign(id=[f"{i:03d}" for i in range(len(frame))], sm_name=frame["sm_name"].replace(compound, "NA")).to_csv(
+        world / "id_map.csv", index=False)
+    written = (world / "id_map.csv").read_text()
+    assert written.splitlines()[5].startswith("004,") and ",NA\n" in written  # the text the loader must keep
     train = load_train(world / "de_train.parquet")
     queries = load_id_map(world / "id_map.csv", train)
     assert queries.ids[7] == "007" and queries.sm_name[4] == "NA"
