@@ -163,6 +163,11 @@ class Config:
         """The value of hyperparameter `name` a member has unless the sweep sets it."""
         return getattr(getattr(self, self.hyperparameter_table(name)), name)
 
+    def sweep_grid(self):
+        """Per hyperparameter (HYPERPARAMETERS order), the values members take: the sweep's list, else the
+        single value. Members are every (seed, fold) crossed with the grid's product."""
+        return [getattr(self.sweep, name) or (self.hyperparameter(name),) for name in HYPERPARAMETERS]
+
     def __post_init__(self):
         positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
                     "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size,
@@ -178,7 +183,7 @@ class Config:
             raise UserError(f"config: data.synth_genes must be <= {MAX_SYNTH_GENES}, got {self.data.synth_genes}")
         if self.batch_size >= 2**31:  # it enters the compiled program as an int32
             raise UserError(f"config: batch_size must be < 2**31, got {self.batch_size}")
-        members = self.ensemble * math.prod(len(getattr(self.sweep, name)) or 1 for name in HYPERPARAMETERS)
+        members = self.ensemble * math.prod(len(values) for values in self.sweep_grid())
         if members > MAX_MEMBERS:
             raise UserError(f"config: ensemble ({self.ensemble}) x the sweep's combinations gives {members:,} members;"
                             f" at most {MAX_MEMBERS:,}")
@@ -340,10 +345,9 @@ def load_config(path=None, overrides=()):
             node = node.setdefault(table, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {item!r}: {table!r} is not a table")
-        value = _parse_value(text.strip())
         # A table given inline (`model={kind="mlp"}`) overrides the keys it names, as dotted keys would,
         # not the whole table: the file's other model keys stay.
-        node[leaf] = _merged(node[leaf], value) if isinstance(value, dict) and isinstance(node.get(leaf), dict) else value
+        node[leaf] = _merged(node.get(leaf), _parse_value(text.strip()))
     try:
         return _build(Config, values)
     except UserError as err:  # a value of the file alone (a run dir's config.toml on --resume): name the file
@@ -353,9 +357,10 @@ def load_config(path=None, overrides=()):
 
 
 def _merged(base, override):
-    """`base` with `override`'s keys replaced, tables within tables merged alike."""
-    return {**base, **{key: _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
-                       else value for key, value in override.items()}}
+    """`override`; where both are tables, `base` with `override`'s keys merged in alike."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    return {**base, **{key: _merged(base.get(key), value) for key, value in override.items()}}
 
 
 def _toml_value(value):

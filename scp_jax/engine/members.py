@@ -29,10 +29,9 @@ class MemberTable:
     def from_config(cls, config, n_folds):
         """`n_folds`: the scheme's fold count, make_folds(...).n_folds: config.folds for kfold only (0 for
         "full")."""
-        grid = [getattr(config.sweep, name) or (config.hyperparameter(name),) for name in HYPERPARAMETERS]
         rows = [
             (i // n_folds, i % n_folds, combo) if n_folds else (i, 0, combo)
-            for combo in itertools.product(*grid)
+            for combo in itertools.product(*config.sweep_grid())
             for i in range(config.ensemble)
         ]
         return cls(
