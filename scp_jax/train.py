@@ -5,6 +5,7 @@ Flags are shorthands for config keys (`--ensemble 20` is `--set ensemble=20`), s
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -38,6 +39,23 @@ def parse_args(argv):
     if args.resume and any(getattr(args, flag) is not None for flag in (*FLAG_KEYS, "config", "out")) | bool(args.set):
         raise UserError("--resume RUN_DIR takes no other flags: the run continues with RUN_DIR/config.toml")
     return args
+
+
+def keep_freed_heap(pad=64 << 20):
+    """With glibc, keep `pad` bytes of freed heap instead of handing them back to the OS. Set before
+    jax allocates anything: set after, it saved half as much.
+
+    Why: XLA:CPU's kernels allocate and free large buffers at every step; glibc hands the freed memory
+    back and the next step faults it in again page by page. On 2 cores, 100 epochs of the default
+    recipe with 20 members took 26.8 M page faults, 69 s of system time and 139 s; with the pad, 4.0 M,
+    21 s and 106 s. Where memory comes from changes, not what is computed (the run's files are
+    byte-identical).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): leave the allocator alone
+        return
+    libc.mallopt(-2, pad)  # -2: M_TOP_PAD
 
 
 def resolve_config(args):
@@ -230,6 +248,7 @@ def write_member_table(path, rows):
 def main(argv=None):
     args = parse_args(argv)
     config = resolve_config(args)
+    keep_freed_heap()
     import jax
 
     from scp_jax.engine.devices import broadcast_text, initialize_distributed
