@@ -143,7 +143,7 @@ def _run_ensemble(w, data, members, variant, member_table):
     memory = chunk.compiled.memory_analysis()
     # The chunk's peak device memory: its arguments (the donated state, which its outputs reuse) and temporaries.
     program_bytes = None if memory is None else int(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
-    impl = chunk.engine.lowrank_impl if chunk.engine.config.lowrank_grads else "dense"
+    impl = chunk.engine.lowrank_impl if chunk.engine.program.lowrank_grads else "dense"
     return {"members": chunk.members, "variant": variant, "lowrank_impl": impl,
             "tile": lowrank.TILE if impl == "pallas" else None, "steps_per_epoch": chunk.steps,
             "compile_s": chunk.compile_s, "chunk_s": seconds, "member_epochs_per_s": chunk.members * w["epochs"] / seconds,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from scp_jax.config import HYPERPARAMETERS
+from scp_jax.config import HYPERPARAMETERS, LossConfig, ModelConfig, TargetsConfig
 from scp_jax.data.pvalues import expected_y_of_t
 from scp_jax.engine import lowrank, optim
 from scp_jax.engine.losses import dense_weight_norm, mixed_loss
@@ -105,46 +105,55 @@ def _fold_in(key, *data):
     return key
 
 
-# Settings that reach the program only as inputs (the run's seed, schedule, member table,
-# hyperparameter values, paths, the CV scheme, which feature sets fill the tables: their widths are
-# the `layout` key, pseudo labels: extra rows and weights; the aggregation method is a static
-# argument of its own program): runs that differ only in these share one Ensemble and its programs.
-# `targets` (SVD outputs, loss space), `model` and `loss` shape the program and stay in the key, but
-# for the model's hyperparameters (dropout, input masking), per-member inputs like optim's.
-_NOT_IN_PROGRAM = ("seed", "epochs", "epochs_per_chunk", "ensemble", "folds", "optim", "sweep", "data",
-                   "checkpoint_every", "checkpoint_keep", "distributed", "cv", "features", "target_encoding",
-                   "pseudo_labels", "aggregate")
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """All of a config that the compiled program reads; runs whose configs agree here share one Ensemble
+    and its compiled programs. The rest reaches the program as inputs (the run's seed, the schedule,
+    the member table and its hyperparameter values, the model's dropout and input masking among them;
+    the feature tables, whose widths are `layout`; pseudo-labelled rows) or never (paths, chunking,
+    checkpoints), and reading it here fails instead of silently reading a default."""
+
+    batch_size: int
+    precision: str
+    lowrank_grads: bool
+    keep: str
+    patience: int
+    model: ModelConfig  # its hyperparameters (dropout, input_mask) at their defaults: they are inputs
+    loss: LossConfig
+    targets: TargetsConfig
+
+    @classmethod
+    def of(cls, config):
+        defaults = ModelConfig()
+        inputs = {name: getattr(defaults, name) for name in HYPERPARAMETERS if hasattr(defaults, name)}
+        return cls(config.batch_size, config.precision, config.lowrank_grads, config.keep, config.patience,
+                   dataclasses.replace(config.model, **inputs), config.loss, config.targets)
 
 
 def compiled_ensemble(config, layout, n_genes, options=frozenset()):
-    """One Ensemble (and its compiled programs) per program-shaping configuration and shape."""
-    defaults = type(config)()
-    model = {n: defaults.hyperparameter(n) for n in HYPERPARAMETERS if config.hyperparameter_table(n) == "model"}
-    key = dataclasses.replace(config, **{name: getattr(defaults, name) for name in _NOT_IN_PROGRAM},
-                              model=dataclasses.replace(config.model, **model))
-    return _cached_ensemble(key, tuple(layout), n_genes, options)
+    """One Ensemble (and its compiled programs) per Program and shape."""
+    return _cached_ensemble(Program.of(config), tuple(layout), n_genes, options)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_ensemble(config, layout, n_genes, options):
-    return Ensemble(config, layout, n_genes, options)
+def _cached_ensemble(program, layout, n_genes, options):
+    return Ensemble(program, layout, n_genes, options)
 
 
 class Ensemble:
-    """Compiled init / train-chunk / predict functions for one config and data shape (`layout`: the
-    feature tables' FeatureTables.layout). `config` is the program's: the settings that reach it only
-    as inputs (compiled_ensemble) hold their defaults there."""
+    """Compiled init / train-chunk / predict functions for one Program and data shape (`layout`: the
+    feature tables' FeatureTables.layout)."""
 
     def __init__(self, config, layout, n_genes, options=frozenset()):
-        """`options` (MemberTable.program_options) names the random masks and optimizers some member
-        uses: only those are built, since they cost time and compile time."""
-        self.config = config
+        """`config`: a Config or its Program; `options` (MemberTable.program_options) names the random
+        masks and optimizers some member uses: only those are built, since they cost time and compile time."""
+        self.program = program = Program.of(config)
         self.options = options
-        self.loss = mixed_loss(config.loss)
-        n_out = config.targets.svd or n_genes  # with SVD targets the model predicts components
-        self._make = lambda key: build_model(config, layout, n_out, nnx.Rngs(key))
+        self.loss = mixed_loss(program.loss)
+        n_out = program.targets.svd or n_genes  # with SVD targets the model predicts components
+        self._make = lambda key: build_model(program, layout, n_out, nnx.Rngs(key))
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: self._make(0)), nnx.Param)
-        self.lowrank_impl = lowrank.default_impl() if config.lowrank_grads else "xla"
+        self.lowrank_impl = lowrank.default_impl() if program.lowrank_grads else "xla"
         self.init = jax.jit(jax.vmap(self._init_member))
         self.train_chunk = jax.jit(
             jax.vmap(self._train_chunk_member, in_axes=(0, 0, None, None, None)),
@@ -190,7 +199,7 @@ class Ensemble:
         targets, and mapped from t-statistics to E[signed -log10 p] when the loss fits t."""
         out = self.outputs(params, tables, fold, cell_index, compound_index)
         out = out if decoder is None else decoder.decode(fold, out)
-        return expected_y_of_t(out, jnp) if self.config.targets.transform == "t_statistic" else out
+        return expected_y_of_t(out, jnp) if self.program.targets.transform == "t_statistic" else out
 
     def _loss(self, params, data, rows, weights, row_mass, spec, key):
         """The member's mean loss over a batch of rows, weighted by `weights` (a row's pseudo-label weight,
@@ -207,7 +216,7 @@ class Ensemble:
     def _epoch(self, state, spec, data, steps, trained=None):
         """One epoch of one member: shuffle its training rows, `steps` minibatches, validate; `trained`
         (`row_scale` models): the member's trained pairs, whose log-normal mean size unseen pairs get."""
-        batch_size = self.config.batch_size
+        batch_size = self.program.batch_size
         n_rows = spec.train_mask.shape[0]
         key = self.member_key(spec, _SHUFFLE, state.epoch)
         # Training rows first in a random order; validation rows sort last and are never used.
@@ -221,8 +230,8 @@ class Ensemble:
         row_mass = n_train if data.row_weight is None else jnp.sum(spec.train_mask * data.row_weight)
 
         noise_key = self.member_key(spec, _NOISE, state.epoch)  # folded with the step below
-        rounding_key = self.member_key(spec, _ROUNDING, state.epoch) if self.config.precision == "bf16_state" else None
-        grad_fn = lowrank.value_and_grad if self.config.lowrank_grads else _value_and_grad
+        rounding_key = self.member_key(spec, _ROUNDING, state.epoch) if self.program.precision == "bf16_state" else None
+        grad_fn = lowrank.value_and_grad if self.program.lowrank_grads else _value_and_grad
 
         def step(carry, batch):
             params, opt_state = carry
@@ -271,10 +280,10 @@ class Ensemble:
         """
         running = state.stopped_at < 0
         diverged = running & ~(jnp.isfinite(train_loss) & (jnp.isfinite(val_score) | ~has_val))
-        better = jnp.where(has_val, val_score < state.best_score, True) if self.config.keep == "best" else True
+        better = jnp.where(has_val, val_score < state.best_score, True) if self.program.keep == "best" else True
         improved = running & ~diverged & better
         best_epoch = jnp.where(improved, state.epoch, state.best_epoch)
-        patience = self.config.patience
+        patience = self.program.patience
         out_of_patience = (state.epoch - best_epoch >= patience) if patience else jnp.array(False)
         best_params = tree_select(improved, params, state.best_params)
         state = MemberState(
@@ -290,7 +299,7 @@ class Ensemble:
         return state, {"train_loss": train_loss, "val_mrrmse": val_score, "running": running}
 
     def _train_chunk_member(self, state, spec, data, n_epochs, steps):
-        trained = self._trained_pairs(state.params, spec, data) if self.config.model.row_scale else None  # once a chunk
+        trained = self._trained_pairs(state.params, spec, data) if self.program.model.row_scale else None  # once a chunk
         return jax.lax.scan(lambda s, _: self._epoch(s, spec, data, steps, trained), state, length=n_epochs)
 
     @jax.jit(static_argnums=0)
