@@ -97,6 +97,9 @@ class LossConfig:
     huber_delta: float = 1.0
 
 
+LOSS_PARAMETERS = ("huber_delta",)  # the [loss] keys that shape a loss; every other key weighs one
+
+
 @dataclasses.dataclass(frozen=True)
 class PseudoLabelConfig:
     """Two stages (3rd place): stage 1 predicts the id_map rows, stage 2 trains on the training rows
@@ -218,7 +221,7 @@ class Config:
                                 *((f"sweep.{key}", v) for v in getattr(self.sweep, key))):
                 if value not in choices:
                     raise UserError(f"config: {name} must be one of {', '.join(choices)}, got {value!r}")
-        weights = {k: v for k, v in dataclasses.asdict(self.loss).items() if k != "huber_delta"}
+        weights = {k: v for k, v in dataclasses.asdict(self.loss).items() if k not in LOSS_PARAMETERS}
         if min(weights.values()) < 0 or not sum(weights.values()) > 0:
             raise UserError(f"config: loss weights must be >= 0 with a positive sum, got {weights}")
         if self.loss.huber_delta <= 0:
@@ -235,6 +238,8 @@ class Config:
             raise UserError(f"config: keep must be 'best' or 'last', got {self.keep!r}")
         if self.keep == "last" and self.patience:
             raise UserError("config: patience stops at the best epoch; it needs keep = 'best'")
+        if self.lowrank_grads and self.model.kind not in ("mlp", "resmlp"):
+            raise UserError(f"config: lowrank_grads applies to mlp and resmlp models, got model.kind {self.model.kind!r}")
         if self.lowrank_grads and (self.optim.l2 or any(self.sweep.l2)):
             raise UserError("config: lowrank_grads needs optim.l2 = 0 (the L2 prior's gradient is not low-rank)")
         if self.precision not in PRECISIONS:

@@ -1,9 +1,11 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scp_jax.config import load_config
+from scp_jax.config import LOSS_PARAMETERS, LossConfig, load_config
 from scp_jax.engine.losses import LOSSES, dense_weight_norm, mixed_loss
 
 
@@ -51,6 +53,12 @@ def test_losses_finite_far_from_target_and_minimal_at_target():
     np.testing.assert_allclose(LOSSES["scale_free"](0.3 * target, target), 0.0, atol=1e-6)  # any size, same shape
     grad_at_target = jax.grad(lambda p: LOSSES["bce"](p, target).sum())(target)
     np.testing.assert_allclose(grad_at_target, 0.0, atol=1e-7)
+
+
+def test_every_loss_weight_in_the_config_names_a_loss():
+    """A new [loss] key is a weight unless LOSS_PARAMETERS says otherwise: both lists must agree."""
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    assert fields - set(LOSS_PARAMETERS) == set(LOSSES)
 
 
 def test_mixed_loss_is_the_weighted_sum_of_references():

@@ -150,6 +150,8 @@ def test_members_train_the_same_with_lowrank_gradients(monkeypatch, precision):
         assert_same_leaves(train_ensemble(load_config(None, base), train).state.params, runs["xla"], rtol=1e-5, atol=1e-6)
 
 
-def test_lowrank_gradients_refuse_an_l2_prior():
+def test_lowrank_gradients_refuse_an_l2_prior_and_models_without_their_dense_layers():
     with pytest.raises(UserError, match="lowrank_grads needs optim.l2 = 0"):
         load_config(None, ["lowrank_grads=true", "sweep.l2=[0.0, 1.0]"])
+    with pytest.raises(UserError, match="lowrank_grads applies to mlp and resmlp models, got model.kind 'factorized'"):
+        load_config(None, ["lowrank_grads=true", "model.kind='factorized'"])

@@ -1,5 +1,13 @@
 """Flax NNX models. Each maps one row's features to its gene vector (or SVD components),
-independently of the other rows in its batch."""
+independently of the other rows in its batch.
+
+A model kind is a module here, a branch in `build_model`, its name in `config.MODEL_KINDS` (with any
+new `ModelConfig` keys and their checks, and its size keys in `Config.size_settings`). What the engine
+asks of it: `__call__(x, *, dropout_rate=0.0, key=None)` maps [..., features] to float32 [..., outputs]
+and mixes no rows (tests/test_models.py checks every kind); dense layers are `nnx.Linear` (or
+`models.linear.Linear`, which `lowrank_grads` needs), and the `optim.l2` prior covers every `kernel`
+and `bias` outside a module whose name holds "norm" (engine/losses.py).
+"""
 
 from scp_jax.models.factorized import Factorized
 from scp_jax.models.mlp import MLP, ResMLP
@@ -25,4 +33,6 @@ def build_model(config, layout, out_features, rngs):
         return CNN(in_features, out_features, kernel_size=m.kernel_size, activation=m.activation, **tokens, **common)
     if m.kind in ("gru", "lstm"):
         return Recurrent(in_features, out_features, cell=m.kind, **tokens, **common)
-    return Transformer(in_features, out_features, heads=m.heads, activation=m.activation, **tokens, **common)
+    if m.kind == "transformer":
+        return Transformer(in_features, out_features, heads=m.heads, activation=m.activation, **tokens, **common)
+    raise ValueError(f"build_model has no branch for model.kind {m.kind!r}")
