@@ -14,6 +14,7 @@ import tomllib
 
 import numpy as np
 
+from scp_jax.config import AGGREGATES
 from scp_jax.errors import UserError
 
 MANIFEST = "manifest"
@@ -32,8 +33,6 @@ def gelu(x):
 ACTIVATIONS = {"relu": relu, "gelu": gelu}
 ARCHITECTURES = ("mlp", "factorized")
 
-
-AGGREGATES = ("mean", "median", "weighted")
 
 
 def layer_norm(x, scale, bias, epsilon=1e-6):

@@ -11,7 +11,8 @@ import pytest
 from conftest import CI_CONFIG
 from scp_jax.config import load_config, to_toml
 from scp_jax.data.dataset import load_id_map, load_train
-from scp_jax.engine.cv import HELD_OUT_CELLS, make_folds
+from scp_jax.data.dataset import HELD_OUT_CELLS
+from scp_jax.engine.cv import make_folds
 from scp_jax.engine.trainer import slot_ranges, train_ensemble
 from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables, split_sides, target_decoder
@@ -47,8 +48,8 @@ def test_table_shapes(train):
     assert tables.compound.shape == (n_compounds, n_compounds + 128)
     assert tables.fold_cell.shape == (6, n_cells, 2 * 4 + 1)  # 5 folds + the all-rows slot; 2 stats x 4 + flag
     assert tables.fold_compound.shape == (6, n_compounds, 2 * 4 + 1)
-    assert tables.width == n_cells + n_compounds + 128 + 18
-    assert tables.rows(2, jnp.arange(3), jnp.arange(3)).shape == (3, tables.width)
+    assert tables.layout == (n_cells, n_compounds + 128, 9, 9)
+    assert tables.rows(2, jnp.arange(3), jnp.arange(3)).shape == (3, sum(tables.layout))
     # The factorized model's two sides: a row's cell-type features, and its compound's.
     cells, compounds = jnp.array([0, 1, 1]), jnp.array([2, 0, 5])
     cell_side, compound_side = split_sides(tables.rows(2, cells, compounds), tables.layout)

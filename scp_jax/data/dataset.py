@@ -21,6 +21,7 @@ from scp_jax.errors import UserError
 
 META_COLUMNS = ("cell_type", "sm_name", "sm_lincs_id", "SMILES", "control")
 ID_MAP_COLUMNS = ("id", "cell_type", "sm_name")
+HELD_OUT_CELLS = ("B cells", "Myeloid cells")  # the test's cell types, as the real data names them
 MAX_ABS_TARGET = 324.0  # -log10 of the smallest float64 is 323.3
 
 

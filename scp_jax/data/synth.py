@@ -40,13 +40,12 @@ import pyarrow.parquet as pq
 
 from scp_jax.atomic import atomic_path, default_mode, write_text
 from scp_jax.config import MAX_SYNTH_GENES
-from scp_jax.data.dataset import ID_MAP_COLUMNS, read_csv, read_id_map
+from scp_jax.data.dataset import HELD_OUT_CELLS, ID_MAP_COLUMNS, read_csv, read_id_map
 from scp_jax.data.pvalues import expected_signed_log10_p, signed_log10_p
 from scp_jax.errors import UserError
 
 VERSION = 3  # bump whenever generated numbers change: cached default worlds are rebuilt
 CELL_TYPES = ("NK cells", "T cells CD4+", "T cells CD8+", "T regulatory cells", "B cells", "Myeloid cells")
-HELD_OUT_CELLS = ("B cells", "Myeloid cells")
 N_COMPOUNDS = 146
 N_WITH_HELD_OUT_ROWS = 17  # compounds with B/Myeloid training rows, the 2 controls included
 N_MISSING_CD8 = 4

@@ -9,9 +9,8 @@ import dataclasses
 
 import numpy as np
 
+from scp_jax.data.dataset import HELD_OUT_CELLS
 from scp_jax.errors import UserError
-
-HELD_OUT_CELLS = ("B cells", "Myeloid cells")  # the test's cell types, as the real data names them
 
 
 @dataclasses.dataclass(frozen=True)

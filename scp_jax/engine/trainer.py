@@ -20,7 +20,7 @@ from scp_jax.engine.members import MemberTable
 from scp_jax.errors import UserError
 from scp_jax.features.tables import build_tables, target_decoder
 from scp_jax.metrics import BASELINES, fit_baselines, mrrmse
-from scp_jax.predictor import member_weights as cv_weights
+from scp_jax.predictor import member_weights
 
 
 def padded_rows(masks):
@@ -120,13 +120,6 @@ def slot_ranges(targets, train_masks):
     """Per slot, each gene's min and max over the slot's training rows: [slots, genes] twice."""
     return (np.stack([targets[m].min(axis=0) for m in train_masks]),
             np.stack([targets[m].max(axis=0) for m in train_masks]))
-
-
-def member_weights(config, member_cv):
-    """Aggregation weights: 1 / CV^2 for `weighted` (1 for a member without a score), else 1."""
-    if config.aggregate.method != "weighted":
-        return np.ones(len(member_cv), np.float32)
-    return cv_weights(member_cv)
 
 
 def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None, checkpointer=None,
@@ -249,7 +242,7 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
     # Padding members, and members that never kept a best epoch (diverged before a finite score), don't vote.
     votes = np.zeros(len(padded), bool)
     votes[:n] = summary["best_epoch"] >= 0
-    weights = placement.shard(member_weights(config, np.resize(summary["best_score"], len(padded))))
+    weights = placement.shard(member_weights(np.resize(summary["best_score"], len(padded))))  # read by "weighted"
 
     def aggregate(masks, cell_index, compound_index):
         index = placement.replicate((cell_index, compound_index))

@@ -29,10 +29,6 @@ class FeatureTables:
         """The widths of a row's four feature parts, in `rows` order (what models are built for)."""
         return self.cell.shape[1], self.compound.shape[1], self.fold_cell.shape[2], self.fold_compound.shape[2]
 
-    @property
-    def width(self):
-        return sum(self.layout)
-
     def rows(self, fold, cell_index, compound_index):
         """Features of the rows named by index, as a member of slot `fold` sees them (works under jit and vmap)."""
         parts = (self.cell[cell_index], self.compound[compound_index],
