@@ -18,7 +18,7 @@ from scp_jax.config import AGGREGATES
 from scp_jax.errors import UserError
 
 MANIFEST = "manifest"
-FORMAT = "scp-jax-npz/1"
+FORMAT = "scp-jax-npz/2"  # /2: members' scores and epochs, per-fold tables, the arrays' digest
 
 
 def relu(x):
@@ -50,10 +50,6 @@ def member_weights(scores):
     return np.where(np.isfinite(scores), 1.0 / np.square(scores), 1.0).astype(np.float32)
 
 
-def concat_present(*parts):
-    return np.concatenate([p for p in parts if p is not None], axis=-1)
-
-
 def arrays_digest(arrays):
     """sha256 over every array's name, dtype, shape and bytes: what an export's manifest records, so a
     model edited or damaged after export is refused instead of predicting from what is left."""
@@ -66,24 +62,27 @@ def arrays_digest(arrays):
 
 
 def read_npz(path):
-    """(arrays, manifest) of an exported model.npz, checked against the manifest's digest (exports from
-    before it have none)."""
+    """(arrays, manifest) of an exported model.npz of this format, checked against the manifest's digest."""
     with np.load(path, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files if name != MANIFEST}
         manifest = json.loads(str(npz[MANIFEST]))
-    recorded = manifest.get("arrays_sha256")
-    if recorded is not None and recorded != arrays_digest(arrays):
+    check_format(manifest)
+    if manifest["arrays_sha256"] != arrays_digest(arrays):
         raise UserError(f"{path}: its arrays differ from what was exported (edited or damaged since); export the run"
                         " again")
     return arrays, manifest
+
+
+def check_format(manifest):
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"not an {FORMAT} export (format {manifest.get('format')!r}); export the run again")
 
 
 class Predictor:
     """An exported ensemble: parameters stacked over members, feature tables, vocabularies, gene range."""
 
     def __init__(self, arrays, manifest):
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"not an {FORMAT} export (format {manifest.get('format')!r})")
+        check_format(manifest)
         if manifest.get("architecture") not in ARCHITECTURES:
             raise ValueError(f"the numpy predictor runs {' and '.join(ARCHITECTURES)} models; this is a"
                              f" {manifest.get('architecture')!r} model (its run's submission.csv holds the JAX"
@@ -92,8 +91,7 @@ class Predictor:
         self.folds = np.array([row["fold"] for row in manifest["members"]], np.int64)
         # As the engine aggregates: a member that never kept a best epoch (it diverged before any finite
         # score) has no trained parameters, best or last, and does not vote.
-        best_epoch = arrays.get("members.best_epoch")  # exports from before these have none
-        self.votes = best_epoch >= 0 if best_epoch is not None else np.ones(len(self.folds), bool)
+        self.votes = arrays["members.best_epoch"] >= 0
         if not self.votes.any():
             raise ValueError("no member kept a best epoch (each diverged before a finite validation score)")
         config = tomllib.loads(manifest.get("config_toml", "")).get("aggregate", {})
@@ -110,10 +108,8 @@ class Predictor:
 
     def _table_rows(self, name, index):
         """[members, rows, width] of one feature table: a shared table's rows for every member, or a
-        per-fold table's rows at each member's fold; None when the export has no such table."""
-        table = self.arrays.get(f"features.{name}")  # exports from before per-fold tables have none
-        if table is None:
-            return None
+        per-fold table's rows at each member's fold."""
+        table = self.arrays[f"features.{name}"]
         if name.startswith("fold_"):
             return table[self.folds][:, index]
         return np.broadcast_to(table[index], (len(self.folds), len(index), table.shape[-1]))
@@ -121,9 +117,9 @@ class Predictor:
     def features(self, cell_index, compound_index):
         """[members, rows, width]: concat(cell row, compound row, the member's fold rows), as
         FeatureTables.rows does on the device."""
-        return concat_present(self._table_rows("cell", cell_index), self._table_rows("compound", compound_index),
-                              self._table_rows("fold_cell", cell_index),
-                              self._table_rows("fold_compound", compound_index))
+        parts = (self._table_rows("cell", cell_index), self._table_rows("compound", compound_index),
+                 self._table_rows("fold_cell", cell_index), self._table_rows("fold_compound", compound_index))
+        return np.concatenate(parts, axis=-1)
 
     def member_predictions(self, cell_index, compound_index, dtype=np.float32):
         """[members, rows, genes]: every member's prediction for each (cell, compound) row."""
@@ -151,9 +147,9 @@ class Predictor:
 
     def _factorized(self, cell_index, compound_index, dtype):
         """(cell embedding * compound embedding) @ loadings, each embedding from its own side's tables."""
-        cell = concat_present(self._table_rows("cell", cell_index), self._table_rows("fold_cell", cell_index))
-        compound = concat_present(self._table_rows("compound", compound_index),
-                                self._table_rows("fold_compound", compound_index))
+        cell = np.concatenate([self._table_rows("cell", cell_index), self._table_rows("fold_cell", cell_index)], -1)
+        compound = np.concatenate([self._table_rows("compound", compound_index),
+                                   self._table_rows("fold_compound", compound_index)], -1)
         cell, compound = cell.astype(dtype), compound.astype(dtype)
         h = self._dense(cell, "params.cell", dtype) * self._dense(compound, "params.compound", dtype)
         out = self._dense(h, "params.loadings", dtype)
@@ -181,9 +177,6 @@ class Predictor:
         aggregate, clip = self.aggregation(aggregate, clip)
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-        if aggregate == "weighted" and "members.best_score" not in self.arrays:
-            raise ValueError("weighted aggregation needs the members' CV scores, which this export predates;"
-                             " export the run again")
         members = self.member_predictions(cell_index, compound_index, dtype)[self.votes]
         if aggregate == "median":
             prediction = np.median(members, axis=0)

@@ -181,11 +181,10 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_er
     clipped = predictor.predict(cells, compounds, aggregate="median", clip=True)
     assert (clipped >= predictor.arrays["clip_min"]).all() and (clipped <= predictor.arrays["clip_max"]).all()
 
-    # An export from before the members' scores were exported cannot weigh them: one line, nothing written.
-    del arrays["members.best_score"]
-    write_npz(tmp_path / "old.npz", arrays, manifest)
-    cli_error(predict_main, [tmp_path / "old.npz", "--id-map", id_map, "--out", tmp_path / "old.csv",
-                             "--aggregate", "weighted"], "export the run again")
+    # An export of an older format is refused in one line, nothing written.
+    write_npz(tmp_path / "old.npz", arrays, {**manifest, "format": "scp-jax-npz/1"})
+    cli_error(predict_main, [tmp_path / "old.npz", "--id-map", id_map, "--out", tmp_path / "old.csv"],
+              "format 'scp-jax-npz/1'); export the run again")
     assert not (tmp_path / "old.csv").exists()
 
     # A run dir predicts its own id map by default: its submission, to float32 rounding.
