@@ -209,7 +209,7 @@ def fitted_on_targets(config, train, folds):
             for slot, features in enumerate(member_features(config, train, folds))]
 
 
-@pytest.mark.parametrize("scheme, svd", [("kfold", 0), ("b_myeloid", 4)])
+@pytest.mark.parametrize("scheme, svd", [("kfold", 0), ("b_myeloid", 4), ("leave_cell_type_out", 0)])  # full validates nothing
 def test_validation_targets_never_reach_the_inputs_of_members_validating_them(train, scheme, svd):
     config = load_config(None, ['features=["onehot", "target_encoding"]', f"target_encoding.svd={svd}", "targets.svd=3"])
     folds = make_folds(scheme, train, 5, 0)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scp_jax.config import load_config
+from scp_jax.config import MODEL_KINDS, load_config
 from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.losses import dense_weight_norm
 from scp_jax.engine.members import MemberTable
@@ -19,7 +19,7 @@ BASE = ["batch_size=8", "epochs=4", "epochs_per_chunk=4", "folds=3", "model.hidd
 
 
 # Every kind beyond the MLP, which every other engine test trains.
-@pytest.mark.parametrize("kind", ["resmlp", "cnn", "gru", "lstm", "transformer", "factorized"])
+@pytest.mark.parametrize("kind", [kind for kind in MODEL_KINDS if kind != "mlp"])
 def test_model_kinds_train_as_a_vmapped_ensemble(kind):
     train = toy_train(n_genes=8)
     config = load_config(None, BASE + [f"model.kind={kind}", "ensemble=2", "epochs=3", "model.dropout=0.1",
