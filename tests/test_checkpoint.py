@@ -22,15 +22,16 @@ from conftest import CI_CONFIG, ROOT
 from scp_jax.config import load_config
 from scp_jax.data.dataset import load_train
 from scp_jax.data.synth import make_world
-from scp_jax.engine.checkpoint import STALL_ENV, kept_steps, latest_step, open_manager, restore_items, write_step
+from scp_jax.engine.checkpoint import kept_steps, latest_step, open_manager, restore_items, write_step
 from scp_jax.engine.cv import make_folds
+from stalled_train import STALL_ENV
 
 RUN = ["--config", CI_CONFIG, "--ensemble", "4", "--epochs", "6", "--set", "checkpoint_every=3", "--set", "epochs_per_chunk=2",
        "--set", "model.hidden=[16]", "--set", "model.activation='gelu'", "--set", "targets.transform='t_statistic'"]
 
 
 def env(tmp, **extra):
-    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax-cache"),
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax-cache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
 
 
@@ -62,7 +63,7 @@ def runs(tmp_path_factory):
     world = make_world(tmp / "world", genes=32, seed=0)
     data = ["--data", world / "de_train.parquet"]
     finish(cli("scp_jax.train", *data, "--out", tmp / "straight", *RUN, environ=env(tmp)))  # fills the cache
-    kill_when_stalled(cli("scp_jax.train", *data, "--out", tmp / "resumed", *RUN,
+    kill_when_stalled(cli("stalled_train", *data, "--out", tmp / "resumed", *RUN,
                           environ=env(tmp, **{STALL_ENV: "4"})), epoch=4)
     resumed = tmp / "resumed"
     assert latest_step(resumed / "checkpoints") == 3
@@ -106,7 +107,7 @@ def test_ctrl_c_or_sigterm_ends_a_run_in_one_line_and_keeps_what_resumes(runs, t
     """With a checkpoint on disk: the line says where to resume from; without one: the run dir goes,
     so its --out can be used again. Never a traceback (KeyboardInterrupt unwound through XLA and Orbax)."""
     run = tmp_path / "runs" / "stopped"
-    process = cli("scp_jax.train", "--data", runs["world"] / "de_train.parquet", "--out", run, *RUN,
+    process = cli("stalled_train", "--data", runs["world"] / "de_train.parquet", "--out", run, *RUN,
                   environ=env(runs["tmp"], **{STALL_ENV: str(epoch)}))
     assert signal_when_stalled(process, epoch, number) == (code, (
         f"{word}: {run} keeps checkpoints up to epoch 3; continue with --resume {run}\n" if epoch == 4  # every 3
@@ -385,7 +386,7 @@ def test_pseudo_label_run_resumes_bit_identical(runs, tmp_path, cli_error):
               "--set", "targets.svd=4"]
     environ = env(runs["tmp"])
     finish(cli("scp_jax.train", *data, "--out", tmp_path / "straight", *recipe, environ=environ))  # fills the cache
-    kill_when_stalled(cli("scp_jax.train", *data, "--out", tmp_path / "resumed", *recipe,
+    kill_when_stalled(cli("stalled_train", *data, "--out", tmp_path / "resumed", *recipe,
                           environ=env(runs["tmp"], **{STALL_ENV: "2"})), epoch=2)
     assert latest_step(tmp_path / "resumed" / "checkpoints") == 2
     finish(cli("scp_jax.train", "--resume", tmp_path / "resumed", environ=environ))
@@ -404,13 +405,14 @@ def test_two_process_cli_run_killed_and_resumed_matches_one_process(runs, tmp_pa
     """Two localhost processes, one CPU device each, train the run's members between them; process 0 alone
     writes the run dir (under the name it chose), the checkpoints are written jointly. Both are SIGKILLed
     after epoch 4 and the run resumes, again as two processes."""
-    def launch(address, *args, **extra):
+    def launch(address, *args, module="scp_jax.train", **extra):
         environ = env(runs["tmp"], SCP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=address,
                       SCP_JAX_NUM_PROCESSES="2", **extra)
-        return [cli("scp_jax.train", *args, environ=dict(environ, SCP_JAX_PROCESS_ID=str(i))) for i in range(2)]
+        return [cli(module, *args, environ=dict(environ, SCP_JAX_PROCESS_ID=str(i))) for i in range(2)]
 
     data = ["--data", runs["world"] / "de_train.parquet"]
-    for process in launch(free_address(), *data, "--out", tmp_path / "run", *RUN, **{STALL_ENV: "4"}):
+    for process in launch(free_address(), *data, "--out", tmp_path / "run", *RUN, module="stalled_train",
+                          **{STALL_ENV: "4"}):
         kill_when_stalled(process, epoch=4)
     assert latest_step(tmp_path / "run" / "checkpoints") == 3
     processes = launch(free_address(), "--resume", tmp_path / "run")  # a new port: the killed one's may linger

@@ -18,10 +18,8 @@ checkpoint, which `export --step best --last` exports (`best_step`).
 import contextlib
 import hashlib
 import operator
-import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import jax
@@ -36,7 +34,6 @@ STATE, TABLES, METADATA = "state", "tables", "metadata"
 ITEMS = (STATE, TABLES, METADATA)
 SCORE = "mean_val_mrrmse"
 EMPTY_TABLES = "empty_tables"  # metadata: {name: shape} of zero-width tables (e.g. no per-fold features)
-STALL_ENV = "SCP_JAX_TEST_STALL_AFTER_EPOCH"  # test hook: sleep after this epoch, its checkpoint on disk
 
 
 def leaf_name(path):
@@ -319,10 +316,6 @@ class Checkpointer:
             # device_host_max_bytes limit; only the writing to disk runs in the background.
             named = {name: leaf[: self.n_members] for name, leaf in flatten(state).items()}
             write_step(self.manager, epoch, named, self.tables, self.metadata, score)
-        if os.environ.get(STALL_ENV) == str(epoch):
-            self.manager.wait_until_finished()
-            print(f"stalled after epoch {epoch}", flush=True)
-            time.sleep(600)
 
     def __enter__(self):
         return self
