@@ -34,7 +34,6 @@ ACTIVATIONS = {"relu": relu, "gelu": gelu}
 ARCHITECTURES = ("mlp", "factorized")
 
 
-
 def layer_norm(x, scale, bias, epsilon=1e-6):
     """flax.nnx.LayerNorm's defaults (fast variance E[x^2] - E[x]^2, clipped at 0), with [members, width]
     scale and bias."""

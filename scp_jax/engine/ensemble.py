@@ -108,10 +108,10 @@ def _fold_in(key, *data):
 @dataclasses.dataclass(frozen=True)
 class Program:
     """All of a config that the compiled program reads; runs whose configs agree here share one Ensemble
-    and its compiled programs. The rest reaches the program as inputs (the run's seed, the schedule,
-    the member table and its hyperparameter values, the model's dropout and input masking among them;
-    the feature tables, whose widths are `layout`; pseudo-labelled rows) or never (paths, chunking,
-    checkpoints), and reading it here fails instead of silently reading a default."""
+    and its compiled programs. The rest of a config reaches the program as inputs (the run's seed, the
+    schedule, the member table and its hyperparameter values, the model's dropout and input masking
+    among them; the feature tables, whose widths are `layout`; pseudo-labelled rows) or not at all
+    (paths, chunking, checkpoints), so the engine cannot read it by mistake: it is not here."""
 
     batch_size: int
     precision: str
@@ -167,7 +167,7 @@ class Ensemble:
 
     def _init_member(self, spec):
         params = nnx.state(self._make(self.member_key(spec, _INIT)), nnx.Param)
-        hparams = {k: spec.hparams[k] for k in optim.HYPERPARAMS}
+        hparams = {k: spec.hparams[k] for k in optim.OPTIMIZER_INPUTS}
         opt_state = optim.init(params, **hparams)  # moments take the parameters' dtype
         return MemberState(
             params=params,

@@ -25,19 +25,21 @@ B1, B2, EPS = 0.9, 0.999, 1e-8  # AdamW
 LION_B1, LION_B2 = 0.9, 0.99
 ONECYCLE_PCT, ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 0.3, 25.0, 1e4  # optax.cosine_onecycle_schedule's defaults
 LION, COSINE, ONECYCLE = OPTIMIZERS.index("lion"), SCHEDULES.index("cosine"), SCHEDULES.index("onecycle")
-HYPERPARAMS = ("learning_rate", "weight_decay", "clip_norm", "optimizer", "schedule", "warmup", "total_steps")
+# A member's values the fused step reads from its state: the optimizer's share of config.HYPERPARAMETERS,
+# and the length of its schedule.
+OPTIMIZER_INPUTS = ("learning_rate", "weight_decay", "clip_norm", "optimizer", "schedule", "warmup", "total_steps")
 
 
 class OptimizerState(NamedTuple):
     count: jnp.ndarray  # updates applied so far (bias correction, schedule)
     mu: object  # first moments (AdamW) or momentum (Lion), like the params
     nu: object  # second moments, like the params (unused by Lion)
-    hyperparams: dict  # HYPERPARAMS: this member's values; optimizer and schedule as indices
+    hyperparams: dict  # OPTIMIZER_INPUTS: this member's values; optimizer and schedule as indices
 
 
 def init(params, **hyperparams):
-    """`hyperparams`: HYPERPARAMS values (optimizer/schedule as indices into config.OPTIMIZERS/SCHEDULES)."""
-    hyperparams = {k: jnp.asarray(hyperparams[k], jnp.float32) for k in HYPERPARAMS}
+    """`hyperparams`: OPTIMIZER_INPUTS values (optimizer/schedule as indices into config.OPTIMIZERS/SCHEDULES)."""
+    hyperparams = {k: jnp.asarray(hyperparams[k], jnp.float32) for k in OPTIMIZER_INPUTS}
     zeros = jax.tree.map(jnp.zeros_like, params)
     return OptimizerState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params), hyperparams)
 
