@@ -61,27 +61,23 @@ def arrays_digest(arrays):
 
 
 def read_npz(path):
-    """(arrays, manifest) of an exported model.npz of this format, checked against the manifest's digest."""
+    """(arrays, manifest) of an exported model.npz, checked against the manifest's digest (an export of
+    another format is the Predictor's to refuse)."""
     with np.load(path, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files if name != MANIFEST}
         manifest = json.loads(str(npz[MANIFEST]))
-    check_format(manifest)
-    if manifest["arrays_sha256"] != arrays_digest(arrays):
+    if manifest.get("format") == FORMAT and manifest["arrays_sha256"] != arrays_digest(arrays):
         raise UserError(f"{path}: its arrays differ from what was exported (edited or damaged since); export the run"
                         " again")
     return arrays, manifest
-
-
-def check_format(manifest):
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"not an {FORMAT} export (format {manifest.get('format')!r}); export the run again")
 
 
 class Predictor:
     """An exported ensemble: parameters stacked over members, feature tables, vocabularies, gene range."""
 
     def __init__(self, arrays, manifest):
-        check_format(manifest)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"not an {FORMAT} export (format {manifest.get('format')!r}); export the run again")
         if manifest.get("architecture") not in ARCHITECTURES:
             raise ValueError(f"the numpy predictor runs {' and '.join(ARCHITECTURES)} models; this is a"
                              f" {manifest.get('architecture')!r} model (its run's submission.csv holds the JAX"

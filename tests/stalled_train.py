@@ -5,6 +5,7 @@ on disk: it prints "stalled after epoch N" and sleeps, so a test can kill or sig
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -26,5 +27,7 @@ def save_then_stall(save):
 
 
 if __name__ == "__main__":
+    # Ctrl-C as from a terminal, even when the tests run where SIGINT is ignored (nohup, a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     Checkpointer.save = save_then_stall(Checkpointer.save)
     train.main(sys.argv[1:])

@@ -138,16 +138,16 @@ def test_exit_on_signal_restores_what_it_replaced_and_respects_an_ignored_sigint
 
     from scp_jax.errors import exit_on_signal
 
-    before = signal.getsignal(signal.SIGINT)
-    with exit_on_signal(lambda word: "bye"):
-        assert signal.getsignal(signal.SIGINT) is not before
-    assert signal.getsignal(signal.SIGINT) is before
-    previous_fd = signal.set_wakeup_fd(-1)  # what it restored
-    signal.set_wakeup_fd(previous_fd)
-    assert previous_fd == -1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, whatever pytest inherited
     try:
+        with exit_on_signal(lambda word: "bye"):
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        previous_fd = signal.set_wakeup_fd(-1)  # what it restored
+        signal.set_wakeup_fd(previous_fd)
+        assert previous_fd == -1
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's
         with exit_on_signal(lambda word: "bye"):
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, inherited)
