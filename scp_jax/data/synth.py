@@ -221,7 +221,8 @@ def _reference_layout(rng, reference, n_genes):
     table = table[table["in_de_train"].astype(bool)].reset_index(drop=True)
     invalid = _invalid_smiles(table["SMILES"])
     if invalid is not None:
-        smiles = table["SMILES"][invalid] if isinstance(table["SMILES"][invalid], str) else ""  # empty: NaN
+        smiles = table["SMILES"][invalid]
+        smiles = smiles if isinstance(smiles, str) else ""  # an empty cell reads as NaN
         raise UserError(f"{reference / 'compounds_smiles.csv'}: invalid SMILES {smiles!r} for compound"
                         f" {table['sm_name'][invalid]!r}")
     compounds = pd.DataFrame({
