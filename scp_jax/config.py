@@ -166,6 +166,10 @@ class Config:
         """The value of hyperparameter `name` a member has unless the sweep sets it."""
         return getattr(getattr(self, self.hyperparameter_table(name)), name)
 
+    def n_members(self):
+        """How many members the run trains: `ensemble` (seed, fold) pairs x the sweep's combinations."""
+        return self.ensemble * math.prod(len(values) for values in self.sweep_grid())
+
     def sweep_grid(self):
         """Per hyperparameter (HYPERPARAMETERS order), the values members take: the sweep's list, else the
         single value. Members are every (seed, fold) crossed with the grid's product."""
@@ -186,9 +190,8 @@ class Config:
             raise UserError(f"config: data.synth_genes must be <= {MAX_SYNTH_GENES}, got {self.data.synth_genes}")
         if self.batch_size >= 2**31:  # it enters the compiled program as an int32
             raise UserError(f"config: batch_size must be < 2**31, got {self.batch_size}")
-        members = self.ensemble * math.prod(len(values) for values in self.sweep_grid())
-        if members > MAX_MEMBERS:
-            raise UserError(f"config: ensemble ({self.ensemble}) x the sweep's combinations gives {members:,} members;"
+        if self.n_members() > MAX_MEMBERS:
+            raise UserError(f"config: ensemble ({self.ensemble}) x the sweep's combinations gives {self.n_members():,} members;"
                             f" at most {MAX_MEMBERS:,}")
         if not 0 <= self.seed < 2**31:  # it enters the compiled program as an int32
             raise UserError(f"config: seed must be in [0, 2**31), got {self.seed}")

@@ -64,9 +64,9 @@ def run_id_map(model):
     if not Path(model).is_dir():
         raise UserError(f"{model}: a model.npz needs --id-map (a run dir defaults to its own)")
     from scp_jax.config import load_config, run_config_path
-    from scp_jax.train import resolve_inputs
+    from scp_jax.data.dataset import input_paths
 
-    id_map = resolve_inputs(load_config(run_config_path(model)))[1]
+    id_map = input_paths(load_config(run_config_path(model)).data)[1]
     if id_map is None:
         raise UserError(f"{model}: the run had no id map; pass --id-map")
     return id_map
@@ -88,6 +88,7 @@ def main(argv=None):
     write_submission(args.out, ids, model.genes, predictions)
     method = model.aggregation(args.aggregate)[0]
     print(f"{len(ids)} rows x {len(model.genes)} genes ({method} of {model.votes.sum()} members) -> {args.out}")
+
 
 if __name__ == "__main__":
     main()

@@ -81,20 +81,6 @@ def absolute_feature_path(spec):
     return spec
 
 
-def resolve_inputs(config):
-    """Paths of the training parquet and id map; the synthetic world when no data is given."""
-    if config.data.train:
-        train_path = Path(config.data.train)
-    else:
-        from scp_jax.data.synth import default_world
-
-        train_path = default_world(genes=config.data.synth_genes, seed=config.data.synth_seed) / "de_train.parquet"
-    id_map_path = Path(config.data.id_map) if config.data.id_map else train_path.with_name("id_map.csv")
-    if config.data.id_map and not id_map_path.exists():
-        raise UserError(f"{id_map_path}: id map not found")
-    return train_path, id_map_path if id_map_path.exists() else None
-
-
 METRICS_FILES = ("metrics.jsonl", "metrics-stage1.jsonl")
 
 
@@ -254,17 +240,16 @@ def main(argv=None):
     from scp_jax.engine.devices import broadcast_text, initialize_distributed
 
     initialize_distributed(config.distributed)
-    from scp_jax.data.dataset import load_id_map, load_train, write_oof, write_submission
+    from scp_jax.data.dataset import input_paths, load_id_map, load_train, write_oof, write_submission
     from scp_jax.engine.checkpoint import Checkpointer
     from scp_jax.engine.cv import make_folds
-    from scp_jax.engine.members import MemberTable
     from scp_jax.engine.trainer import train_ensemble
     from scp_jax.report import write_report
 
-    train_path, id_map_path = resolve_inputs(config)
+    train_path, id_map_path = input_paths(config.data)
     train = load_train(train_path)
     queries = load_id_map(id_map_path, train) if id_map_path else None
-    members = MemberTable.from_config(config, make_folds(config.cv, train, config.folds, config.seed).n_folds)
+    folds = make_folds(config.cv, train, config.folds, config.seed)  # folds that validate nothing stop here
     # In a multi-process run every process trains its share of the members; process 0 writes the run
     # dir (the checkpoints are written by all, through Orbax).
     writer = jax.process_index() == 0
@@ -272,7 +257,7 @@ def main(argv=None):
     if writer:
         run_dir, created = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
         world = "" if config.data.train else f" (the built-in synthetic world {train_path.parent})"
-        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes{world}, {len(members)} members")
+        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes{world}, {config.n_members()} members")
         if queries is None:
             print(f"no {train_path.with_name('id_map.csv')}: no submission.csv (pass --id-map for one)")
         chosen = str(run_dir)
@@ -291,7 +276,7 @@ def main(argv=None):
             stage1_log = None
             if writer and config.pseudo_labels.enabled:
                 stage1_log = ChunkLog(run_dir / "metrics-stage1.jsonl", config, "stage 1 ")
-            result = train_ensemble(config, train, queries, members=members, on_chunk=log, checkpointer=checkpointer,
+            result = train_ensemble(config, train, queries, folds=folds, on_chunk=log, checkpointer=checkpointer,
                                     on_pseudo_chunk=stage1_log)
     except BaseException as err:
         if writer and not args.resume and isinstance(err, (UserError, KeyboardInterrupt)):

@@ -235,6 +235,21 @@ def _index_into(values, vocabulary):
     return np.fromiter((position[v] for v in values), dtype=np.int32, count=len(values))
 
 
+def input_paths(data):
+    """Paths of the training parquet and id map a config's [data] table names (None: no id map); the
+    built-in synthetic world, built on first use, when it names no training file."""
+    if data.train:
+        train_path = Path(data.train)
+    else:
+        from scp_jax.data.synth import default_world  # synth builds on this module
+
+        train_path = default_world(genes=data.synth_genes, seed=data.synth_seed) / "de_train.parquet"
+    id_map_path = Path(data.id_map) if data.id_map else train_path.with_name("id_map.csv")
+    if data.id_map and not id_map_path.exists():
+        raise UserError(f"{id_map_path}: id map not found")
+    return train_path, id_map_path if id_map_path.exists() else None
+
+
 def read_csv(path, text=(), required=()):
     """A CSV file as a DataFrame; a missing or unreadable file, or one without a `required` column, is a
     one-line UserError. The cells of the `text` columns are kept as written, not parsed: '007' is not 7

@@ -122,16 +122,17 @@ def slot_ranges(targets, train_masks):
             np.stack([targets[m].max(axis=0) for m in train_masks]))
 
 
-def train_ensemble(config, train, queries=None, members=None, on_chunk=None, placement=None, checkpointer=None,
-                   on_pseudo_chunk=None):
+def train_ensemble(config, train, queries=None, folds=None, members=None, on_chunk=None, placement=None,
+                   checkpointer=None, on_pseudo_chunk=None):
     """Train the whole ensemble; `on_chunk(epoch, metrics, seconds)` is called after each chunk.
+    `folds` (the config's make_folds) and `members` (its MemberTable) are made here when not given.
 
     `checkpointer` (engine.checkpoint.Checkpointer, open: its saves are durable once the caller
     leaves it) may restore the starting state and epoch and saves after each chunk. With
     `pseudo_labels.enabled`, a first stage (reported to `on_pseudo_chunk`, not checkpointed: a resumed
     run recomputes it, deterministically) labels the queries for the second, which is the run's result.
     """
-    folds = make_folds(config.cv, train, config.folds, config.seed)
+    folds = make_folds(config.cv, train, config.folds, config.seed) if folds is None else folds
     members = MemberTable.from_config(config, folds.n_folds) if members is None else members
     if members.scheme != folds.scheme or members.fold.max() > folds.n_folds:
         raise UserError(f"members ({members.scheme}, folds up to {members.fold.max()}) do not fit"
