@@ -78,7 +78,7 @@ def test_compound_feature_specs(tmp_path, monkeypatch):
     assert compound_features("morgan", MOLECULES).shape == (len(MOLECULES), 2048)
     np.testing.assert_array_equal(compound_features("descriptors", MOLECULES), rdkit_descriptors(MOLECULES))
     assert len(list((tmp_path / "features").glob("descriptors-*.npy"))) == 1
-    for bad, message in [("fingerprints", "valid: 'morgan'"), ("morgan:size=3", "unknown option 'size'"),
+    for bad, message in [("fingerprints", r"valid: 'morgan\[:radius"), ("morgan:size=3", "unknown option 'size'"),
                          ("morgan:counts=maybe", "bad value 'maybe'"), ("chemberta:missing.npz", "no features file"),
                          ("morgan:bits=16,bits=32", "option 'bits' given twice")]:
         with pytest.raises(UserError, match=message):

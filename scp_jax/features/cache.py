@@ -18,6 +18,9 @@ from scp_jax.errors import UserError
 
 FORMAT_VERSION = 1
 _MORGAN_DEFAULTS = {"radius": 2, "bits": 2048, "counts": False}
+# Each kind of compound feature set `compound_features` resolves, and how a config spells it.
+COMPOUND_SPECS = {"morgan": "'morgan[:radius=2,bits=2048,counts=false]'", "descriptors": "'descriptors'",
+                  "chemberta": "'chemberta:FILE.npz'", "chemberta-model": "'chemberta-model:DIR_OR_ID'"}
 
 
 def default_cache_dir():
@@ -142,7 +145,4 @@ def compound_features(spec: str, smiles: Sequence[str]) -> np.ndarray:
 
         settings = {"model": argument, "pooling": "cls", **_model_identity(argument)}
         return cached_features("chemberta", smiles, settings, lambda: embed_smiles(smiles, argument, pooling="cls"))
-    raise UserError(
-        f"unknown compound feature spec {spec!r}; valid: 'morgan' or 'morgan:radius=2,bits=2048,counts=false', "
-        "'descriptors', 'chemberta:FILE.npz', 'chemberta-model:DIR_OR_ID'"
-    )
+    raise UserError(f"unknown compound feature spec {spec!r}; valid: {', '.join(COMPOUND_SPECS.values())}")

@@ -11,10 +11,10 @@ import numpy as np
 from flax import struct
 
 from scp_jax.errors import UserError
+from scp_jax.features.cache import COMPOUND_SPECS, compound_features
 from scp_jax.features.targets import fold_svd, target_encoding_tables
 
-COMPOUND_KINDS = ("morgan", "descriptors", "chemberta", "chemberta-model")
-FEATURE_SETS = "'onehot', 'morgan[:OPTIONS]', 'descriptors', 'chemberta:FILE.npz', 'chemberta-model:DIR', 'target_encoding'"
+FEATURE_SETS = ", ".join(["'onehot'", *COMPOUND_SPECS.values(), "'target_encoding'"])
 
 
 @struct.dataclass
@@ -65,8 +65,7 @@ def build_tables(config, train, train_masks):
             cells, compounds = target_encoding_tables(train, train_masks, te.stats, basis)
             fold_cell.append(cells)
             fold_compound.append(compounds)
-        elif kind in COMPOUND_KINDS:
-            from scp_jax.features.cache import compound_features
+        elif kind in COMPOUND_SPECS:
             from scp_jax.features.molecular import smiles_errors_of
 
             with smiles_errors_of(train):
