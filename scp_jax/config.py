@@ -1,7 +1,8 @@
 """Typed run configuration: defaults in code, a TOML file on top, `--set key=value` on top of that.
 
 Every key is checked: an unknown key, a wrong type or an impossible value is a UserError, so a
-typo never silently trains the wrong thing.
+typo never silently trains the wrong thing. Each table checks its own values; `Config` checks the
+top-level keys and how the tables fit together.
 """
 
 import dataclasses
@@ -12,6 +13,42 @@ from pathlib import Path
 
 from scp_jax.errors import UserError
 
+CV_SCHEMES = ("kfold", "b_myeloid", "leave_cell_type_out", "full")
+TE_STATS = ("mean", "std", "median", "q25", "q75")
+MODEL_KINDS = ("mlp", "resmlp", "cnn", "gru", "lstm", "transformer", "factorized")
+ACTIVATIONS = ("relu", "gelu")
+OPTIMIZERS = ("adamw", "lion")
+SCHEDULES = ("constant", "cosine", "onecycle")
+CATEGORIES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}  # member tables store them as indices
+AGGREGATES = ("mean", "median", "weighted")
+TARGET_TRANSFORMS = ("none", "t_statistic")
+PRECISIONS = ("fp32", "bf16", "bf16_state")  # scp_jax/precision.py; here so reading a config needs no jax
+MAX_EPOCHS = 1_000_000
+MAX_MEMBERS = 1_000_000  # the member table is built on the host, a row per member
+MAX_SYNTH_GENES = 99_999  # synthetic worlds name their genes G00001..G99999
+
+
+def _require(ok, message):
+    if not ok:
+        raise UserError(f"config: {message}")
+
+
+def _one_of(key, value, choices):
+    _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_hyperparameter(name, value):
+    """`name`: the dotted key the value came from, so the message says which table to fix."""
+    key = name.rpartition(".")[2]
+    if key in CATEGORIES:
+        _one_of(name, value, CATEGORIES[key])
+    elif key in ("dropout", "input_mask", "warmup"):
+        _require(0 <= value < 1, f"{name} must be in [0, 1), got {value}")
+    elif key in ("learning_rate", "clip_norm"):
+        _require(value > 0, f"{name} must be > 0, got {value}")
+    elif key in ("weight_decay", "l2"):
+        _require(value >= 0, f"{name} must be >= 0, got {value}")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -19,6 +56,11 @@ class DataConfig:
     id_map: str = ""  # id_map.csv; empty = the one beside `train`
     synth_genes: int = 18211
     synth_seed: int = 0
+
+    def __post_init__(self):
+        _require(self.synth_genes >= 1, f"data.synth_genes must be >= 1, got {self.synth_genes}")
+        _require(self.synth_genes <= MAX_SYNTH_GENES, f"data.synth_genes must be <= {MAX_SYNTH_GENES}, got {self.synth_genes}")
+        _require(self.synth_seed >= 0, f"data.synth_seed must be >= 0, got {self.synth_seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +80,18 @@ class ModelConfig:
     row_scale: bool = False  # factorized, one-hot features: each (cell type, compound) pair its own size;
     # unseen pairs the log-normal mean size of their cell type's trained pairs
 
+    def __post_init__(self):
+        _one_of("model.kind", self.kind, MODEL_KINDS)
+        for key in ("tokens", "width", "depth", "heads", "kernel_size", "rank"):
+            _require(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
+        _require(self.hidden and min(self.hidden) >= 1,
+                 f"model.hidden must be a non-empty list of widths >= 1, got {list(self.hidden)}")
+        _require(self.activation in ACTIVATIONS, f"model.activation must be 'relu' or 'gelu', got {self.activation!r}")
+        _require(self.kind != "transformer" or self.width % self.heads == 0,
+                 f"model.width ({self.width}) must be a multiple of model.heads ({self.heads})")
+        for key in ("dropout", "input_mask"):
+            _check_hyperparameter(f"model.{key}", getattr(self, key))
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -49,10 +103,15 @@ class OptimConfig:
     clip_norm: float = 1.0
     l2: float = 0.0  # a Gaussian prior on the dense weights, worth `l2` observations per weight (engine/losses.py)
 
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            _check_hyperparameter(f"optim.{field.name}", getattr(self, field.name))
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """Lists of values to cross with every (seed, fold): members are the product."""
+    """Lists of values to cross with every (seed, fold): members are the product. An empty list (the
+    default) sweeps nothing: the member's single value comes from [optim] or [model]."""
 
     optimizer: tuple[str, ...] = ()
     schedule: tuple[str, ...] = ()
@@ -63,6 +122,11 @@ class SweepConfig:
     l2: tuple[float, ...] = ()
     dropout: tuple[float, ...] = ()
     input_mask: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            for value in getattr(self, field.name):
+                _check_hyperparameter(f"sweep.{field.name}", value)
 
 
 # What a member may set for itself: each a per-member array in the one compiled program
@@ -75,12 +139,26 @@ class TargetEncodingConfig:
     stats: tuple[str, ...] = ("mean", "std", "median", "q25", "q75")
     svd: int = 0  # 0: each statistic is a full gene vector; k: projected on the fold's top-k target components
 
+    def __post_init__(self):
+        _require(self.stats and set(self.stats) <= set(TE_STATS),
+                 f"target_encoding.stats must be a non-empty subset of {', '.join(TE_STATS)}")
+        _require(self.svd >= 0, f"target_encoding.svd must be >= 0 (0 = no SVD), got {self.svd}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetsConfig:
     svd: int = 0  # 0: the model predicts genes; k: it predicts the fold's top-k target components
     loss_space: str = "genes"  # with svd: "genes" (decode, then MSE) or "components"
     transform: str = "none"  # "t_statistic": fit the t-statistics behind the targets (scp_jax/data/pvalues.py)
+
+    def __post_init__(self):
+        _require(self.svd >= 0, f"targets.svd must be >= 0 (0 = no SVD), got {self.svd}")
+        _require(self.loss_space in ("genes", "components"),
+                 f"targets.loss_space must be 'genes' or 'components', got {self.loss_space!r}")
+        _one_of("targets.transform", self.transform, TARGET_TRANSFORMS)
+
+
+LOSS_PARAMETERS = ("huber_delta",)  # the [loss] keys that shape a loss; every other key weighs one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +174,11 @@ class LossConfig:
     scale_free: float = 0.0  # MSE after the best nonnegative rescaling of each row's prediction
     huber_delta: float = 1.0
 
-
-LOSS_PARAMETERS = ("huber_delta",)  # the [loss] keys that shape a loss; every other key weighs one
+    def __post_init__(self):
+        weights = {k: v for k, v in dataclasses.asdict(self).items() if k not in LOSS_PARAMETERS}
+        _require(min(weights.values()) >= 0 and sum(weights.values()) > 0,
+                 f"loss weights must be >= 0 with a positive sum, got {weights}")
+        _require(self.huber_delta > 0, f"loss.huber_delta must be > 0, got {self.huber_delta}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +189,9 @@ class PseudoLabelConfig:
     enabled: bool = False
     weight: float = 1.0  # loss weight of a pseudo-labelled row relative to a real one
 
+    def __post_init__(self):
+        _require(self.weight >= 0, f"pseudo_labels.weight must be >= 0, got {self.weight}")
+
 
 @dataclasses.dataclass(frozen=True)
 class AggregateConfig:
@@ -116,19 +200,8 @@ class AggregateConfig:
     method: str = "mean"
     clip_to_train_range: bool = False  # clip each gene to its min/max over the training rows
 
-
-CV_SCHEMES = ("kfold", "b_myeloid", "leave_cell_type_out", "full")
-TE_STATS = ("mean", "std", "median", "q25", "q75")
-MODEL_KINDS = ("mlp", "resmlp", "cnn", "gru", "lstm", "transformer", "factorized")
-OPTIMIZERS = ("adamw", "lion")
-SCHEDULES = ("constant", "cosine", "onecycle")
-CATEGORIES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}  # member tables store them as indices
-AGGREGATES = ("mean", "median", "weighted")
-TARGET_TRANSFORMS = ("none", "t_statistic")
-PRECISIONS = ("fp32", "bf16", "bf16_state")  # scp_jax/precision.py; here so reading a config needs no jax
-MAX_EPOCHS = 1_000_000
-MAX_MEMBERS = 1_000_000  # the member table is built on the host, a row per member
-MAX_SYNTH_GENES = 99_999  # synthetic worlds name their genes G00001..G99999
+    def __post_init__(self):
+        _one_of("aggregate.method", self.method, AGGREGATES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,94 +249,36 @@ class Config:
         return [getattr(self.sweep, name) or (self.hyperparameter(name),) for name in HYPERPARAMETERS]
 
     def __post_init__(self):
-        positive = {"ensemble": self.ensemble, "folds": self.folds, "epochs": self.epochs,
-                    "epochs_per_chunk": self.epochs_per_chunk, "batch_size": self.batch_size,
-                    "checkpoint_every": self.checkpoint_every, "checkpoint_keep": self.checkpoint_keep,
-                    "data.synth_genes": self.data.synth_genes}
-        for key, value in positive.items():
-            if value < 1:
-                raise UserError(f"config: {key} must be >= 1, got {value}")
-        for key, value in {"epochs": self.epochs, "patience": self.patience}.items():
-            if value > MAX_EPOCHS:  # int32 counters on device; and the host walks every epoch
-                raise UserError(f"config: {key} must be <= {MAX_EPOCHS}, got {value}")
-        if self.data.synth_genes > MAX_SYNTH_GENES:
-            raise UserError(f"config: data.synth_genes must be <= {MAX_SYNTH_GENES}, got {self.data.synth_genes}")
-        if self.batch_size >= 2**31:  # it enters the compiled program as an int32
-            raise UserError(f"config: batch_size must be < 2**31, got {self.batch_size}")
-        if self.n_members() > MAX_MEMBERS:
-            raise UserError(f"config: ensemble ({self.ensemble}) x the sweep's combinations gives {self.n_members():,} members;"
-                            f" at most {MAX_MEMBERS:,}")
-        if not 0 <= self.seed < 2**31:  # it enters the compiled program as an int32
-            raise UserError(f"config: seed must be in [0, 2**31), got {self.seed}")
-        if self.data.synth_seed < 0:
-            raise UserError(f"config: data.synth_seed must be >= 0, got {self.data.synth_seed}")
-        if self.folds < 2:
-            raise UserError(f"config: folds must be >= 2 for cross-validation, got {self.folds}")
-        if self.model.kind not in MODEL_KINDS:
-            raise UserError(f"config: model.kind must be one of {', '.join(MODEL_KINDS)}, got {self.model.kind!r}")
-        model_sizes = {"tokens": self.model.tokens, "width": self.model.width, "depth": self.model.depth,
-                       "heads": self.model.heads, "kernel_size": self.model.kernel_size, "rank": self.model.rank}
-        for key, value in model_sizes.items():
-            if value < 1:
-                raise UserError(f"config: model.{key} must be >= 1, got {value}")
-        if not self.model.hidden or min(self.model.hidden) < 1:
-            raise UserError(f"config: model.hidden must be a non-empty list of widths >= 1, got {list(self.model.hidden)}")
+        """The top-level keys, and what each table's values must agree on with the others."""
+        for key in ("ensemble", "epochs", "epochs_per_chunk", "batch_size", "checkpoint_every", "checkpoint_keep"):
+            _require(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        _require(self.folds >= 2, f"folds must be >= 2 for cross-validation, got {self.folds}")
+        _require(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        for key in ("epochs", "patience"):  # int32 counters on device; and the host walks every epoch
+            _require(getattr(self, key) <= MAX_EPOCHS, f"{key} must be <= {MAX_EPOCHS}, got {getattr(self, key)}")
+        # batch_size and seed enter the compiled program as int32
+        _require(self.batch_size < 2**31, f"batch_size must be < 2**31, got {self.batch_size}")
+        _require(0 <= self.seed < 2**31, f"seed must be in [0, 2**31), got {self.seed}")
+        _require(self.n_members() <= MAX_MEMBERS, f"ensemble ({self.ensemble}) x the sweep's combinations gives"
+                 f" {self.n_members():,} members; at most {MAX_MEMBERS:,}")
+        _one_of("cv", self.cv, CV_SCHEMES)
+        _one_of("precision", self.precision, PRECISIONS)
+        _require(self.keep in ("best", "last"), f"keep must be 'best' or 'last', got {self.keep!r}")
+        _require(self.keep == "best" or not self.patience, "patience stops at the best epoch; it needs keep = 'best'")
         repeated = sorted({name for name in self.features if self.features.count(name) > 1})
-        if repeated:
-            raise UserError(f"config: features lists {', '.join(map(repr, repeated))} more than once")
-        if self.model.row_scale and (self.model.kind != "factorized" or list(self.features) != ["onehot"]):
-            raise UserError("config: model.row_scale needs model.kind = 'factorized' and features = ['onehot']"
-                            f" (a size per (cell type, compound) pair), got {self.model.kind!r} and {list(self.features)}")
-        if self.model.kind == "factorized" and not {"onehot", "target_encoding"} & set(self.features):
-            raise UserError("config: model.kind = 'factorized' multiplies a cell-type side by a compound side, and"
-                            f" features {list(self.features)} give no cell-type side: add 'onehot' or 'target_encoding'")
-        if self.model.kind == "transformer" and self.model.width % self.model.heads:
-            raise UserError(f"config: model.width ({self.model.width}) must be a multiple of model.heads ({self.model.heads})")
-        for key, choices in CATEGORIES.items():
-            for name, value in ((f"optim.{key}", getattr(self.optim, key)),
-                                *((f"sweep.{key}", v) for v in getattr(self.sweep, key))):
-                if value not in choices:
-                    raise UserError(f"config: {name} must be one of {', '.join(choices)}, got {value!r}")
-        weights = {k: v for k, v in dataclasses.asdict(self.loss).items() if k not in LOSS_PARAMETERS}
-        if min(weights.values()) < 0 or not sum(weights.values()) > 0:
-            raise UserError(f"config: loss weights must be >= 0 with a positive sum, got {weights}")
-        if self.loss.huber_delta <= 0:
-            raise UserError(f"config: loss.huber_delta must be > 0, got {self.loss.huber_delta}")
-        if self.pseudo_labels.weight < 0:
-            raise UserError(f"config: pseudo_labels.weight must be >= 0, got {self.pseudo_labels.weight}")
-        if self.aggregate.method not in AGGREGATES:
-            raise UserError(f"config: aggregate.method must be one of {', '.join(AGGREGATES)}, got {self.aggregate.method!r}")
-        if self.model.activation not in ("relu", "gelu"):
-            raise UserError(f"config: model.activation must be 'relu' or 'gelu', got {self.model.activation!r}")
-        if self.patience < 0:
-            raise UserError(f"config: patience must be >= 0, got {self.patience}")
-        if self.keep not in ("best", "last"):
-            raise UserError(f"config: keep must be 'best' or 'last', got {self.keep!r}")
-        if self.keep == "last" and self.patience:
-            raise UserError("config: patience stops at the best epoch; it needs keep = 'best'")
-        if self.lowrank_grads and self.model.kind not in ("mlp", "resmlp"):
-            raise UserError(f"config: lowrank_grads applies to mlp and resmlp models, got model.kind {self.model.kind!r}")
-        if self.lowrank_grads and (self.optim.l2 or any(self.sweep.l2)):
-            raise UserError("config: lowrank_grads needs optim.l2 = 0 (the L2 prior's gradient is not low-rank)")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for key in (k for k in HYPERPARAMETERS if k not in CATEGORIES):
-            _check_hyperparameter(f"{self.hyperparameter_table(key)}.{key}", self.hyperparameter(key))
-            for value in getattr(self.sweep, key):
-                _check_hyperparameter(f"sweep.{key}", value)
-        if self.cv not in CV_SCHEMES:
-            raise UserError(f"config: cv must be one of {', '.join(CV_SCHEMES)}, got {self.cv!r}")
-        unknown = [s for s in self.target_encoding.stats if s not in TE_STATS]
-        if unknown or not self.target_encoding.stats:
-            raise UserError(f"config: target_encoding.stats must be a non-empty subset of {', '.join(TE_STATS)}")
-        for key, value in {"target_encoding.svd": self.target_encoding.svd, "targets.svd": self.targets.svd}.items():
-            if value < 0:
-                raise UserError(f"config: {key} must be >= 0 (0 = no SVD), got {value}")
-        if self.targets.loss_space not in ("genes", "components"):
-            raise UserError(f"config: targets.loss_space must be 'genes' or 'components', got {self.targets.loss_space!r}")
-        if self.targets.transform not in TARGET_TRANSFORMS:
-            raise UserError(f"config: targets.transform must be one of {', '.join(TARGET_TRANSFORMS)},"
-                            f" got {self.targets.transform!r}")
+        _require(not repeated, f"features lists {', '.join(map(repr, repeated))} more than once")
+        model = self.model
+        _require(not model.row_scale or (model.kind == "factorized" and list(self.features) == ["onehot"]),
+                 "model.row_scale needs model.kind = 'factorized' and features = ['onehot'] (a size per (cell type,"
+                 f" compound) pair), got {model.kind!r} and {list(self.features)}")
+        _require(model.kind != "factorized" or {"onehot", "target_encoding"} & set(self.features),
+                 "model.kind = 'factorized' multiplies a cell-type side by a compound side, and features"
+                 f" {list(self.features)} give no cell-type side: add 'onehot' or 'target_encoding'")
+        if self.lowrank_grads:
+            _require(model.kind in ("mlp", "resmlp"),
+                     f"lowrank_grads applies to mlp and resmlp models, got model.kind {model.kind!r}")
+            _require(not (self.optim.l2 or any(self.sweep.l2)),
+                     "lowrank_grads needs optim.l2 = 0 (the L2 prior's gradient is not low-rank)")
 
     def size_settings(self):
         """The model keys that size a member's parameters, with their values, for hints on what to lower:
@@ -274,17 +289,6 @@ class Config:
         if model.kind == "factorized":
             return f"model.rank ({model.rank})"
         return f"model.width ({model.width}) or model.depth ({model.depth})"
-
-
-def _check_hyperparameter(name, value):
-    """`name`: the dotted key the value came from, so the message says which table to fix."""
-    key = name.rpartition(".")[2]
-    if key in ("dropout", "input_mask", "warmup") and not 0 <= value < 1:
-        raise UserError(f"config: {name} must be in [0, 1), got {value}")
-    if key in ("learning_rate", "clip_norm") and value <= 0:
-        raise UserError(f"config: {name} must be > 0, got {value}")
-    if key in ("weight_decay", "l2") and value < 0:
-        raise UserError(f"config: {name} must be >= 0, got {value}")
 
 
 def _coerce(key, value, kind):
