@@ -265,6 +265,9 @@ class Config:
         _one_of("precision", self.precision, PRECISIONS)
         _require(self.keep in ("best", "last"), f"keep must be 'best' or 'last', got {self.keep!r}")
         _require(self.keep == "best" or not self.patience, "patience stops at the best epoch; it needs keep = 'best'")
+        _require(self.keep == "last" or not self.pseudo_labels.enabled,
+                 "pseudo_labels.enabled needs keep = 'last': a fold's stage-1 members label the queries its stage 2"
+                 " trains on, and a best epoch would be picked on that fold's validation rows")
         repeated = sorted({name for name in self.features if self.features.count(name) > 1})
         _require(not repeated, f"features lists {', '.join(map(repr, repeated))} more than once")
         model = self.model

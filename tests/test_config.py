@@ -26,6 +26,7 @@ def test_overrides_and_round_trip(tmp_path):
         ("folds=1", "folds must be >= 2"),
         ("ensemble=true", "ensemble must be int"),
         ("keep='first'", "keep must be 'best' or 'last'"),
+        ("pseudo_labels.enabled=true", "pseudo_labels.enabled needs keep = 'last'"),
         ("data.synth_genes=-5", "data.synth_genes must be >= 1"),
         ("optim.learning_rate=-1", r"optim.learning_rate must be > 0, got -1.0"),
         ("model.dropout=1.5", r"model.dropout must be in \[0, 1\), got 1.5"),

@@ -26,7 +26,7 @@ def test_config_errors(argv, message, cli_error):
 @pytest.mark.parametrize("argv, message", [
     (["--set", "features=['onehot', 'fingerprints']"], "unknown feature set 'fingerprints'"),
     (["--set", "targets.svd=700"], "targets.svd = 700 exceeds the rank bound"),
-    (["--set", "pseudo_labels.enabled=true"], "pseudo_labels.enabled needs an id map"),
+    (["--set", "pseudo_labels.enabled=true", "--set", "keep='last'"], "pseudo_labels.enabled needs an id map"),
 ])
 def test_config_errors_found_while_fitting_leave_nothing(small_world, tmp_path, cli_error, argv, message):
     """Found after the run dir was made: it is removed again, with the folders made for it."""

@@ -1,11 +1,14 @@
 """The model zoo, optimizers, schedules, aggregation and pseudo labels inside the vmapped engine."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from scp_jax.config import MODEL_KINDS, load_config
+from scp_jax.engine.cv import make_folds
 from scp_jax.engine.ensemble import compiled_ensemble
 from scp_jax.engine.losses import dense_weight_norm
 from scp_jax.engine.members import MemberTable
@@ -75,7 +78,7 @@ def test_pseudo_labels_of_a_fold_come_from_that_folds_members_only(transform):
     """Stage 1's labels for slot k are the prediction of fold k's members, which never saw fold k's rows;
     stage 2 trains on them and gives a different ensemble."""
     train, queries = toy_train(), toy_queries(toy_train(), n=16)
-    both = BASE + ["ensemble=6", f"targets.transform={transform}"]
+    both = BASE + ["ensemble=6", f"targets.transform={transform}", "keep=last"]
     config = load_config(None, both + ["pseudo_labels.enabled=true", "pseudo_labels.weight=0.5"])
     stage1_chunks = []
     result = train_ensemble(config, train, queries, on_pseudo_chunk=lambda *a: stage1_chunks.append(a))
@@ -97,7 +100,8 @@ def test_epoch_train_loss_is_the_weighted_mean_of_its_rows_losses_and_the_prior(
     prior is worth l2 observations per weight among the rows' weighted observations."""
     train, queries = toy_train(), toy_queries(toy_train(), n=16)
     config = load_config(None, BASE + ["ensemble=6", "epochs=1", "epochs_per_chunk=1", "optim.learning_rate=1e-30",
-                                       "optim.l2=3.0", "pseudo_labels.enabled=true", "pseudo_labels.weight=0.25"])
+                                       "optim.l2=3.0", "pseudo_labels.enabled=true", "pseudo_labels.weight=0.25",
+                                       "keep=last"])
     losses = []
     result = train_ensemble(config, train, queries, on_chunk=lambda e, m, s: losses.append(m["train_loss"][:, 0]))
     tables = build_tables(config, train, result.folds.train_masks())
@@ -118,7 +122,26 @@ def test_epoch_train_loss_is_the_weighted_mean_of_its_rows_losses_and_the_prior(
 def test_pseudo_labels_refuse_a_fold_whose_stage1_members_all_diverged():
     """Such a fold's stage 2 would otherwise train on labels no member gave (zeros, before this was an error)."""
     train, queries = toy_train(), toy_queries(toy_train())
-    config = load_config(None, BASE + ["ensemble=3", "epochs=1", "pseudo_labels.enabled=true",
+    config = load_config(None, BASE + ["ensemble=3", "epochs=1", "pseudo_labels.enabled=true", "keep=last",
                                        "optim.learning_rate=1e30", "optim.clip_norm=1e30"])
     with pytest.raises(UserError, match=r"^pseudo labels: every stage-1 member of fold 0 diverged"):
         train_ensemble(config, train, queries)
+
+
+def test_pseudo_labels_leak_nothing_of_a_folds_validation_rows_into_its_stage_2():
+    """Labels by a fold's last epochs, unweighted (a weighted vote weighs members by their scores on the
+    fold's validation rows): the fold's stage-2 members train the same whatever those rows hold."""
+    train, queries = toy_train(), toy_queries(toy_train(), n=16)
+    config = load_config(None, BASE + ["ensemble=6", "keep=last", "pseudo_labels.enabled=true",
+                                       "aggregate.method=weighted", "aggregate.clip_to_train_range=true"])
+    runs = []
+    for noise in (0.0, 3.0):
+        targets = train.targets.copy()
+        validated = make_folds(config.cv, train, config.folds, config.seed).fold_of_row == 0
+        targets[validated] += noise * np.random.default_rng(1).normal(size=targets[validated].shape)
+        runs.append(train_ensemble(config, SimpleNamespace(**{**vars(train), "targets": targets}), queries))
+    fold0 = np.flatnonzero(runs[0].members.fold == 0)
+    np.testing.assert_array_equal(runs[0].pseudo_targets[0], runs[1].pseudo_targets[0])
+    for a, b in zip(jax.tree.leaves(runs[0].state.params), jax.tree.leaves(runs[1].state.params)):
+        np.testing.assert_array_equal(np.asarray(a)[fold0], np.asarray(b)[fold0])
+    assert not np.array_equal(runs[0].pseudo_targets[1], runs[1].pseudo_targets[1])  # fold 1 trains on those rows

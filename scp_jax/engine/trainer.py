@@ -134,18 +134,19 @@ def train_ensemble(config, train, queries=None, folds=None, members=None, on_chu
     """
     folds = make_folds(config.cv, train, config.folds, config.seed) if folds is None else folds
     members = MemberTable.from_config(config, folds.n_folds) if members is None else members
-    if members.scheme != folds.scheme or members.fold.max() > folds.n_folds:
+    last_fold = max(folds.n_folds - 1, 0)  # under "full", the all-rows slot 0; else the folds, not that slot
+    if members.scheme != folds.scheme or members.fold.max() > last_fold:
         raise UserError(f"members ({members.scheme}, folds up to {members.fold.max()}) do not fit"
                         f" cv {folds.scheme!r} with {folds.n_folds} folds")
     placement = placement or MemberPlacement()
     fitted = _fit_folds(config, train, folds)
     stage = functools.partial(_train_stage, config, train, folds, fitted, members, placement, queries)
-    to_result = functools.partial(_result, config=config, train=train, folds=folds, fitted=fitted, queries=queries)
+    to_result = functools.partial(_result, train=train, folds=folds, fitted=fitted, queries=queries)
     if not config.pseudo_labels.enabled:
         return to_result(stage(on_chunk=on_chunk, checkpointer=checkpointer))
     if queries is None:
         raise UserError("config: pseudo_labels.enabled needs an id map: its rows are what stage 1 labels")
-    labels = _pseudo_labels(stage(on_chunk=on_pseudo_chunk), queries, len(fitted.train_masks), train.targets.shape[1])
+    labels = _pseudo_labels(config, stage(on_chunk=on_pseudo_chunk), queries, fitted, train.targets.shape[1])
     # Stage-1 labels are predictions, mapped back from t when the loss fits t: invert that map.
     fit_labels = labels if fitted.fit_targets is None else t_of_expected_y(labels).astype(np.float32)
     second = to_result(stage(on_chunk=on_chunk, checkpointer=checkpointer, pseudo_targets=fit_labels))
@@ -160,6 +161,11 @@ class _FoldFits:
     tables: object  # FeatureTables
     decoder: object  # TargetSVD or None
     fit_targets: np.ndarray | None  # [n, genes] t-statistics when the loss fits them; None: the targets
+    clip_ranges: tuple | None  # per slot, each gene's training (min, max), [slots, genes] each; None: no clipping
+
+    def clip(self, predictions, slot):
+        """Predictions clipped to slot `slot`'s training range ([rows] slots, or one), if the run clips."""
+        return predictions if self.clip_ranges is None else np.clip(predictions, *(r[slot] for r in self.clip_ranges))
 
 
 def _fit_folds(config, train, folds):
@@ -168,7 +174,8 @@ def _fit_folds(config, train, folds):
     if config.targets.transform == "t_statistic":
         fit_targets = t_statistic(train.targets).astype(np.float32)
     decoder = target_decoder(config, train.targets if fit_targets is None else fit_targets, train_masks)
-    return _FoldFits(train_masks, build_tables(config, train, train_masks), decoder, fit_targets)
+    clip_ranges = slot_ranges(train.targets, train_masks) if config.aggregate.clip_to_train_range else None
+    return _FoldFits(train_masks, build_tables(config, train, train_masks), decoder, fit_targets, clip_ranges)
 
 
 def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_chunk, checkpointer):
@@ -216,7 +223,7 @@ class _Stage:
     votes: np.ndarray  # [padded] bool: members that kept a best epoch
     val_masks: np.ndarray  # [padded, n_rows] the rows each member validates
     state: object  # MemberState on device, stacked over the padded members
-    aggregate: object  # ([padded, rows] masks, cell_index, compound_index) -> [rows, genes]: each row's voters combined
+    aggregate: object  # ([padded, rows] masks, cell_index, compound_index[, method]) -> [rows, genes]: each row's voters combined
 
 
 def _train_stage(config, train, folds, fitted, members, placement, queries, on_chunk=None, checkpointer=None,
@@ -245,44 +252,43 @@ def _train_stage(config, train, folds, fitted, members, placement, queries, on_c
     votes[:n] = summary["best_epoch"] >= 0
     weights = placement.shard(member_weights(np.resize(summary["best_score"], len(padded))))  # read by "weighted"
 
-    def aggregate(masks, cell_index, compound_index):
+    def aggregate(masks, cell_index, compound_index, method=config.aggregate.method):
         index = placement.replicate((cell_index, compound_index))
-        return to_host(engine.aggregate_prediction(config.aggregate.method, state.best_params, specs.fold,
+        return to_host(engine.aggregate_prediction(method, state.best_params, specs.fold,
                                                    placement.shard(masks), weights, data.tables, data.decoder, *index))
 
     return _Stage(members, padded, summary, votes, val_masks, state, aggregate)
 
 
-def _pseudo_labels(stage, queries, n_slots, n_genes):
+def _pseudo_labels(config, stage, queries, fitted, n_genes):
     """[slots, q, genes]: each slot's labels of the queries, by the members of that fold (zeros for a
-    slot no member has)."""
+    slot no member has), clipped as the run clips. Nothing of the fold's validation rows may enter:
+    the members keep their last epoch (config.keep = "last") and vote unweighted ("weighted" weighs
+    them by their scores on those rows: a median run's labels are a median, the others' a mean)."""
     n_queries = len(queries.cell_index)
-    labels = np.zeros((n_slots, n_queries, n_genes), np.float32)
+    method = "median" if config.aggregate.method == "median" else "mean"
+    labels = np.zeros((len(fitted.train_masks), n_queries, n_genes), np.float32)
     for slot in np.unique(stage.members.fold):
         voters = stage.votes & (stage.padded.fold == slot)
         if not voters.any():  # its stage-2 members would train on no labels, silently
             raise UserError(f"pseudo labels: every stage-1 member of fold {slot} diverged (NaN/Inf) before a"
                             " finite score, so none can label the queries for that fold's stage 2"
                             " (lower optim.learning_rate or optim.clip_norm)")
-        labels[slot] = stage.aggregate(np.repeat(voters[:, None], n_queries, axis=1), queries.cell_index,
-                                       queries.compound_index)
+        labels[slot] = fitted.clip(stage.aggregate(np.repeat(voters[:, None], n_queries, axis=1), queries.cell_index,
+                                                   queries.compound_index, method), slot)
     return labels
 
 
-def _result(stage, config, train, folds, fitted, queries):
+def _result(stage, train, folds, fitted, queries):
     """The stage's TrainResult: its members' scores, out-of-fold and test predictions, the baselines."""
     fold_of_row, votes = folds.fold_of_row, stage.votes
-    clip = config.aggregate.clip_to_train_range
-    lo, hi = slot_ranges(train.targets, fitted.train_masks) if clip else (None, None)
     oof = stage.aggregate(stage.val_masks & votes[:, None], train.cell_index, train.compound_index)
-    if clip:
-        oof = np.clip(oof, lo[fold_of_row], hi[fold_of_row])  # a row of fold k: fold k's training range
+    oof = fitted.clip(oof, fold_of_row)  # a row of fold k: fold k's training range
     test_predictions = None
     if queries is not None:
         test_predictions = stage.aggregate(np.repeat(votes[:, None], len(queries.cell_index), axis=1),
                                            queries.cell_index, queries.compound_index)
-        if clip:
-            test_predictions = np.clip(test_predictions, lo[-1], hi[-1])  # the last slot trains on all rows
+        test_predictions = fitted.clip(test_predictions, -1)  # the last slot trains on all rows
     voting_folds = stage.members.fold[votes[:len(stage.members)]]
     validated = np.isin(fold_of_row, voting_folds)
     return TrainResult(
