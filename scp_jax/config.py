@@ -59,7 +59,8 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.synth_genes >= 1, f"data.synth_genes must be >= 1, got {self.synth_genes}")
-        _require(self.synth_genes <= MAX_SYNTH_GENES, f"data.synth_genes must be <= {MAX_SYNTH_GENES}, got {self.synth_genes}")
+        _require(self.synth_genes <= MAX_SYNTH_GENES,
+                 f"data.synth_genes must be <= {MAX_SYNTH_GENES}, got {self.synth_genes}")
         _require(self.synth_seed >= 0, f"data.synth_seed must be >= 0, got {self.synth_seed}")
 
 

@@ -257,7 +257,8 @@ def main(argv=None):
     if writer:
         run_dir, created = prepare_run_dir(args.resume or args.out, resume=bool(args.resume))
         world = "" if config.data.train else f" (the built-in synthetic world {train_path.parent})"
-        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes{world}, {config.n_members()} members")
+        print(f"run dir {run_dir}: {len(train.targets)} rows x {len(train.genes)} genes{world},"
+              f" {config.n_members()} members")
         if queries is None:
             print(f"no {train_path.with_name('id_map.csv')}: no submission.csv (pass --id-map for one)")
         chosen = str(run_dir)

@@ -155,7 +155,8 @@ def train_ensemble(config, train, queries=None, folds=None, members=None, on_chu
 
 @dataclasses.dataclass(frozen=True)
 class _FoldFits:
-    """What both stages of a run share, fitted once: feature tables, target decoder, the loss's targets."""
+    """What both stages of a run share, fitted once: feature tables, target decoder, the loss's targets,
+    the clip ranges."""
 
     train_masks: np.ndarray  # [slots, n]: slot k = fold k's training rows, slot K = all rows
     tables: object  # FeatureTables
@@ -223,7 +224,8 @@ class _Stage:
     votes: np.ndarray  # [padded] bool: members that kept a best epoch
     val_masks: np.ndarray  # [padded, n_rows] the rows each member validates
     state: object  # MemberState on device, stacked over the padded members
-    aggregate: object  # ([padded, rows] masks, cell_index, compound_index[, method]) -> [rows, genes]: each row's voters combined
+    # ([padded, rows] masks, cell_index, compound_index[, method]) -> [rows, genes]: each row's voters combined
+    aggregate: object
 
 
 def _train_stage(config, train, folds, fitted, members, placement, queries, on_chunk=None, checkpointer=None,
