@@ -416,7 +416,7 @@ def run_config_path(run_dir):
     """RUN_DIR/config.toml; a UserError when RUN_DIR is no run dir."""
     path = Path(run_dir) / "config.toml"
     if not Path(run_dir).is_dir():
-        raise UserError(f"{run_dir}: run dir not found")
+        raise UserError(f"{run_dir}: {'a file, not a run dir' if Path(run_dir).exists() else 'run dir not found'}")
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run dir (no config.toml)")
     return path

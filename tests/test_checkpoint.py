@@ -287,7 +287,9 @@ def test_missing_checkpoint_or_run_dir_is_one_line_error(tmp_path, cli_error):
     from scp_jax.export import main as export_main
     from scp_jax.train import main as train_main
 
-    for run, message in ((tmp_path / "missing", "run dir not found"), (tmp_path, "not a run dir (no config.toml)")):
+    (tmp_path / "a.parquet").touch()
+    for run, message in ((tmp_path / "missing", "run dir not found"), (tmp_path, "not a run dir (no config.toml)"),
+                         (tmp_path / "a.parquet", "a file, not a run dir")):
         for main, argv in ((export_main, [run, "--out", tmp_path / "m.npz"]), (train_main, ["--resume", run])):
             cli_error(main, argv, f"{run}: {message}")
     shutil.copy(CI_CONFIG, tmp_path / "config.toml")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from scp_jax.data import load_id_map, load_train, write_submission
@@ -46,6 +47,19 @@ def test_missing_file(cli_error, tmp_path):
 
 def test_id_map_that_is_a_folder(cli_error, world):
     cli_error(main, ["check", world / "de_train.parquet", world], f"error: {world}: a folder, not a CSV file")
+    cli_error(main, ["check", world], f"error: {world}: a folder, not a parquet file")
+
+
+def test_a_saved_pandas_index_is_no_gene(world, tmp_path):
+    """A frame filtered and saved without index=False stores its index as a column; pandas reads it
+    back as the index, and so does the loader: it is not trained on, nor written as a gene."""
+    frame = pd.read_parquet(world / "de_train.parquet")
+    frame = frame.drop(index=[3])  # a row filtered out: the index is no range, and is stored as a column
+    frame.to_parquet(tmp_path / "indexed.parquet")
+    assert "__index_level_0__" in pq.read_schema(tmp_path / "indexed.parquet").names
+    train = load_train(tmp_path / "indexed.parquet")
+    assert list(train.genes) == list(frame.columns[5:])
+    np.testing.assert_array_equal(train.targets, frame.iloc[:, 5:].to_numpy(np.float32))
 
 
 def test_not_parquet(cli_error, tmp_path):
@@ -124,6 +138,14 @@ def test_meta_column_without_a_text_form(cli_error, tmp_path, column):
 def test_unclean_names_and_control_flags(cli_error, world, column, value, message):
     path = rewrite_train(world, lambda f: f.assign(**{column: f[column].astype(type(value)).where(f.index != 3, value)}))
     cli_error(main, ["check", path], message)
+
+
+def test_compound_with_and_without_smiles(cli_error, world):
+    frame = pd.read_parquet(world / "de_train.parquet")
+    name = frame["sm_name"].iloc[0]
+    second = int(np.flatnonzero(frame["sm_name"] == name)[1])
+    path = rewrite_train(world, lambda f: f.assign(SMILES=f["SMILES"].where(f.index != second, None)))
+    cli_error(main, ["check", path], f"compound {name!r} has SMILES at row 0 and an empty one at row {second}")
 
 
 def test_duplicate_row(cli_error, world):

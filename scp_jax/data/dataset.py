@@ -56,7 +56,7 @@ def read_parquet(path, read=pq.ParquetFile.read):
     """`read` of a parquet file (its whole table by default), a missing or unreadable file a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {'a folder, not a parquet file' if path.is_dir() else 'file not found'}")
     try:
         return read(pq.ParquetFile(path))  # skips the dataset layer: faster on 18k columns
     except (pa.ArrowException, OSError) as err:
@@ -70,13 +70,16 @@ def _refuse_repeated_columns(names, path):
             raise UserError(f"{path}: column '{column}' appears twice (columns {seen[column]} and {position})")
 
 
-def _gene_names(columns):
-    return tuple(c for c in columns if c not in META_COLUMNS)
+def _gene_names(schema):
+    """Every column but the metadata and a pandas index (a frame saved without index=False stores its
+    index as a column, named in the file's pandas metadata; pandas reads it back as the index)."""
+    index = {name for name in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)}
+    return tuple(c for c in schema.names if c not in META_COLUMNS and c not in index)
 
 
 def gene_columns(path):
     """The gene columns of a training parquet, from its footer alone (no data read)."""
-    return _gene_names(read_parquet(path, lambda file: file.schema_arrow.names))
+    return _gene_names(read_parquet(path, lambda file: file.schema_arrow))
 
 
 def _first_line(err):
@@ -181,7 +184,7 @@ def load_train(path) -> TrainSet:
     for column in META_COLUMNS:
         if column not in table.column_names:
             raise UserError(f"{path}: missing required column '{column}'")
-    genes = _gene_names(table.column_names)
+    genes = _gene_names(table.schema)
     if not genes:
         raise UserError(f"{path}: no gene columns (only {', '.join(table.column_names)})")
     if "id" in genes:  # a submission's key column
@@ -206,10 +209,14 @@ def load_train(path) -> TrainSet:
             )
         first_seen[key] = row
 
-    compound_smiles = {}
+    compound_smiles, first_row = {}, {}
     for row, (name, smi) in enumerate(zip(sm_name, smiles)):
         if compound_smiles.setdefault(name, smi) != smi:
+            if not (smi and compound_smiles[name]):
+                given, empty = (row, first_row[name]) if smi else (first_row[name], row)
+                raise UserError(f"{path}: compound {name!r} has SMILES at row {given} and an empty one at row {empty}")
             raise UserError(f"{path}: compound {name!r} has two different SMILES (second at row {row})")
+        first_row.setdefault(name, row)
 
     targets = _target_matrix(table, path, genes)
     cell_types = tuple(sorted(set(cell_type)))
