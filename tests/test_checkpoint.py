@@ -270,6 +270,8 @@ def copy_checkpoints(runs, tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda step: (step / "metadata" / "metadata").write_text("{not json"), r"6/metadata: checkpoint step 6 is corrupted"),
     (lambda step: (step / "state" / "_METADATA").unlink(), r"6: checkpoint step 6 is missing file state/_METADATA"),
+    # Orbax reads every step's metrics as it opens the checkpoints: this failed with a traceback
+    (lambda step: (step / "metrics" / "metrics").write_text(""), r"6/metrics/metrics: checkpoint step 6 is corrupted"),
     (lambda step: [f.write_bytes(b"\0" * 16) for f in (step / "state" / "d").iterdir()], r"6: checkpoint step 6 is corrupted .*state/"),
     # the arrays' data: Orbax wraps TensorStore's error (which names the file) in a plain Exception
     (lambda step: [f.write_bytes(f.read_bytes()[:10]) for f in (step / "state" / "ocdbt.process_0" / "d").iterdir()],

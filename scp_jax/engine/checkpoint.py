@@ -17,6 +17,7 @@ checkpoint, which `export --step best --last` exports (`best_step`).
 
 import contextlib
 import hashlib
+import json
 import operator
 import re
 import shutil
@@ -88,6 +89,11 @@ def open_manager(directory, config=None, clean=False):
     )
     handlers = {STATE: ocp.StandardCheckpointHandler(), TABLES: ocp.StandardCheckpointHandler(),
                 METADATA: ocp.JsonCheckpointHandler()}
+    for step in complete_steps(directory):  # the manager reads every step's metrics as it opens
+        metrics = Path(directory) / str(step) / "metrics" / "metrics"
+        with corruption_guard(metrics, step):
+            if metrics.is_file():
+                json.loads(metrics.read_bytes())
     return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers, options=options)
 
 
