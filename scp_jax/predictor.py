@@ -18,7 +18,7 @@ from scp_jax.config import AGGREGATES
 from scp_jax.errors import UserError
 
 MANIFEST = "manifest"
-FORMAT = "scp-jax-npz/2"  # /2: members' scores and epochs, per-fold tables, the arrays' digest
+FORMAT = "scp-jax-npz/3"  # /2: members' scores and epochs, per-fold tables, a digest; /3: it covers the manifest
 
 
 def relu(x):
@@ -49,10 +49,11 @@ def member_weights(scores):
     return np.where(np.isfinite(scores), 1.0 / np.square(scores), 1.0).astype(np.float32)
 
 
-def arrays_digest(arrays):
-    """sha256 over every array's name, dtype, shape and bytes: what an export's manifest records, so a
-    model edited or damaged after export is refused instead of predicting from what is left."""
-    digest = hashlib.sha256()
+def export_digest(arrays, manifest):
+    """sha256 over the manifest (but its `sha256`) and every array's name, dtype, shape and bytes: what an
+    export's manifest records, so a model edited or damaged after export is refused instead of
+    predicting from what is left."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(arrays):
         array = np.asarray(arrays[name])
         digest.update(json.dumps([name, array.dtype.str, array.shape]).encode())
@@ -66,9 +67,9 @@ def read_npz(path):
     with np.load(path, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files if name != MANIFEST}
         manifest = json.loads(str(npz[MANIFEST]))
-    if manifest.get("format") == FORMAT and manifest["arrays_sha256"] != arrays_digest(arrays):
-        raise UserError(f"{path}: its arrays differ from what was exported (edited or damaged since); export the run"
-                        " again")
+    if manifest.get("format") == FORMAT and manifest.get("sha256") != export_digest(arrays, manifest):
+        raise UserError(f"{path}: its arrays or manifest differ from what was exported (edited or damaged since);"
+                        " export the run again")
     return arrays, manifest
 
 

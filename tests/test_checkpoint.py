@@ -194,13 +194,16 @@ def test_numpy_predictor_matches_jax_and_runs_without_jax(runs, tmp_path, cli_er
     assert own["id"].tolist() == submitted["id"].tolist()
     np.testing.assert_allclose(own.to_numpy()[:, 1:].astype(float), submitted.to_numpy()[:, 1:].astype(float), atol=1e-5)
 
-    # A model edited after export (a bias dropped, a weight changed) is refused, not predicted from.
+    # A model edited after export (a weight changed, a bias dropped, a gene name dropped) is refused, not
+    # predicted from (the last crashed the predictor).
     stored, manifest = read_npz(model)
-    stored["params.head.kernel"][0, 0, 0] += 1.0
-    for name, edited in (("weight", stored), ("bias", {k: v for k, v in stored.items() if k != "params.head.bias"})):
-        np.savez(tmp_path / f"{name}.npz", manifest=np.array(json.dumps(manifest)), **edited)
+    weight = {**stored, "params.head.kernel": stored["params.head.kernel"] + np.float32(1)}
+    edits = {"weight": (weight, manifest), "bias": ({k: v for k, v in stored.items() if k != "params.head.bias"}, manifest),
+             "genes": (stored, {**manifest, "genes": manifest["genes"][:-1]})}
+    for name, (arrays, edited) in edits.items():
+        np.savez(tmp_path / f"{name}.npz", manifest=np.array(json.dumps(edited)), **arrays)
         cli_error(predict_main, [tmp_path / f"{name}.npz", "--id-map", id_map, "--out", tmp_path / "edited.csv"],
-                  "arrays differ from what was exported")
+                  "arrays or manifest differ from what was exported")
     assert not (tmp_path / "edited.csv").exists()
 
 

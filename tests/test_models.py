@@ -140,5 +140,5 @@ def test_numpy_predictor_refuses_what_it_cannot_run():
         Predictor({"members.best_epoch": np.array([-1, -1])}, manifest)
     with pytest.raises(ValueError, match="aggregate must be one of"):
         Predictor({"members.best_epoch": np.array([3, -1])}, manifest).predict(np.zeros(1, int), np.zeros(1, int), "max")
-    with pytest.raises(ValueError, match="not an scp-jax-npz/2 export .format 'scp-jax-npz/1'.; export the run again"):
-        Predictor({}, {**manifest, "format": "scp-jax-npz/1"})
+    with pytest.raises(ValueError, match="not an scp-jax-npz/3 export .format 'scp-jax-npz/2'.; export the run again"):
+        Predictor({}, {**manifest, "format": "scp-jax-npz/2"})
