@@ -97,21 +97,39 @@ def untouched_start(run_dir, with_metrics=False):
 def prepare_run_dir(out, resume=False):
     """Create the run dir (or reuse it when resuming) and prove it is writable before any training time
     is spent. Returns it and the folders created for it, deepest first. A dir that holds files is
-    refused, even one that looks like a fresh start: another run may be starting in it."""
+    refused, even one that looks like a fresh start: another run may be starting in it. Without `out`:
+    runs/<timestamp>, with -2, -3, ... appended when runs start in the same second."""
     run_dir = Path(out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists() and not run_dir.is_dir():
+    if out and run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: run dir is not a directory")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if out and not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir}: run dir already holds files; pick another --out")
-    created = [path for path in (run_dir, *run_dir.parents) if not path.exists()]
+    created = [path for path in run_dir.parents if not path.exists()]
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if out:
+            created[:0] = [] if run_dir.exists() else [run_dir]
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = _claim_free_name(run_dir)
+            created.insert(0, run_dir)
         probe = run_dir / ".write-test"
         probe.write_bytes(b"\0" * 1024)
         probe.unlink()
     except OSError as err:
         raise UserError(f"{run_dir}: run dir is not writable ({err.strerror})") from None
     return run_dir, created
+
+
+def _claim_free_name(run_dir):
+    """`run_dir`, or with -2, -3, ... appended where another run took it, made with an exclusive mkdir:
+    two runs never share one."""
+    for suffix in ("", *(f"-{i}" for i in range(2, 10_000))):
+        try:
+            (claimed := run_dir.with_name(run_dir.name + suffix)).mkdir(parents=True)
+            return claimed
+        except FileExistsError:
+            continue
+    raise UserError(f"{run_dir}: 10,000 runs started in this second; pass --out")
 
 
 def discard_start(run_dir, created, with_metrics=False):

@@ -1,7 +1,9 @@
 """Each failure mode of a training run is one line on stderr and exit code 2, not a traceback."""
 
 import collections
+import datetime
 import shutil
+from pathlib import Path
 
 import jax
 import pytest
@@ -59,6 +61,22 @@ def test_a_run_dir_is_never_shared_and_cleanup_spares_other_runs(tmp_path, capsy
     train.discard_start(run, created)
     assert not run.exists() and (tmp_path / "runs" / "b").is_dir()
     assert capsys.readouterr().out == f"run dir {run} removed again: nothing was trained\n"  # the header named it
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_run_dirs(tmp_path, monkeypatch):
+    """runs/<timestamp> was checked, then made with exist_ok: two runs of one second shared it or failed."""
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 2, 15, 0, 0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datetime, "datetime", Frozen)
+    made = [train.prepare_run_dir(None) for _ in range(3)]
+    stem = Path("runs") / "20261202-150000"
+    assert made == [(stem, [stem, Path("runs")]), (Path(f"{stem}-2"), [Path(f"{stem}-2")]),
+                    (Path(f"{stem}-3"), [Path(f"{stem}-3")])]
+    assert all(run.is_dir() for run, _ in made)
 
 
 def test_disk_too_full_for_checkpoints_stops_before_training(small_world, tmp_path, cli_error, monkeypatch):
