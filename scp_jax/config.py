@@ -422,6 +422,19 @@ def run_config_path(run_dir):
     return path
 
 
+def run_data_config(run_dir):
+    """RUN_DIR's [data] table alone, checked like a file's: where its data is, without judging the rest
+    of its config, which a run made by an older version may no longer pass."""
+    path = run_config_path(run_dir)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8")).get("data", {})
+        if not isinstance(data, dict):
+            raise UserError("config: data must be a table")
+        return _build(DataConfig, data, "data.")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, UserError) as err:
+        raise UserError(f"{path}: {str(err).removeprefix('config: ')}") from None
+
+
 def to_toml(config):
     """The resolved config as TOML text, loadable by `load_config`."""
     scalars, tables = [], []

@@ -11,9 +11,9 @@ each member's best validation score and epoch (`members.best_score`; `members.be
 the feature tables (`features.cell`, `features.compound`, per fold slot `features.fold_cell`,
 `features.fold_compound`), the SVD target decoder per fold slot (`decoder.mean`, `decoder.basis`)
 when the run predicts components, each gene's training range
-(`clip_min`, `clip_max`) and `manifest`, a JSON string: architecture and its config, member table,
-feature spec, vocabularies, gene names, package versions, a sha256 of it all. scp_jax.predictor runs
-it without jax.
+(`clip_min`, `clip_max`), `manifest`, a JSON string (architecture and its config, member table,
+feature spec, vocabularies, gene names, package versions), and `sha256` over the manifest and the
+arrays. scp_jax.predictor runs it without jax.
 """
 
 import argparse
@@ -27,7 +27,7 @@ import numpy as np
 from scp_jax.atomic import atomic_path
 from scp_jax.config import run_config_path
 from scp_jax.errors import ArgumentParser, UserError, cli_main
-from scp_jax.predictor import FORMAT, MANIFEST, export_digest
+from scp_jax.predictor import DIGEST, FORMAT, MANIFEST, export_digest
 
 PACKAGES = ("scp-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -89,9 +89,9 @@ def export_run(run_dir, which="best", step=None):
 
 def write_npz(path, arrays, manifest):
     """Atomically: a crash never leaves a half-written model under the final name."""
-    manifest = {**manifest, "sha256": export_digest(arrays, manifest)}
+    text = json.dumps(manifest)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{MANIFEST: np.array(json.dumps(manifest))}, **arrays)
+        np.savez(f, **{MANIFEST: np.array(text), DIGEST: np.array(export_digest(arrays, text))}, **arrays)
 
 
 def parse_args(argv):

@@ -63,10 +63,10 @@ def run_id_map(model):
     """The id map a run dir trained with (its --id-map, the one beside its data, or the built-in world's)."""
     if not Path(model).is_dir():
         raise UserError(f"{model}: a model.npz needs --id-map (a run dir defaults to its own)")
-    from scp_jax.config import load_config, run_config_path
+    from scp_jax.config import run_data_config
     from scp_jax.data.dataset import input_paths
 
-    id_map = input_paths(load_config(run_config_path(model)).data)[1]
+    id_map = input_paths(run_data_config(model))[1]
     if id_map is None:
         raise UserError(f"{model}: the run had no id map; pass --id-map")
     return id_map

@@ -18,6 +18,7 @@ from scp_jax.config import AGGREGATES
 from scp_jax.errors import UserError
 
 MANIFEST = "manifest"
+DIGEST = "sha256"
 FORMAT = "scp-jax-npz/3"  # /2: members' scores and epochs, per-fold tables, a digest; /3: it covers the manifest
 
 
@@ -49,11 +50,11 @@ def member_weights(scores):
     return np.where(np.isfinite(scores), 1.0 / np.square(scores), 1.0).astype(np.float32)
 
 
-def export_digest(arrays, manifest):
-    """sha256 over the manifest (but its `sha256`) and every array's name, dtype, shape and bytes: what an
-    export's manifest records, so a model edited or damaged after export is refused instead of
-    predicting from what is left."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}, sort_keys=True).encode())
+def export_digest(arrays, manifest_text):
+    """sha256 over the manifest's JSON text and every array's name, dtype, shape and bytes: what an export
+    stores beside them, so a model edited or damaged after export is refused instead of predicting
+    from what is left."""
+    digest = hashlib.sha256(manifest_text.encode())
     for name in sorted(arrays):
         array = np.asarray(arrays[name])
         digest.update(json.dumps([name, array.dtype.str, array.shape]).encode())
@@ -62,12 +63,14 @@ def export_digest(arrays, manifest):
 
 
 def read_npz(path):
-    """(arrays, manifest) of an exported model.npz, checked against the manifest's digest (an export of
-    another format is the Predictor's to refuse)."""
+    """(arrays, manifest) of an exported model.npz, checked against its digest (an export of another
+    format is the Predictor's to refuse)."""
     with np.load(path, allow_pickle=False) as npz:
-        arrays = {name: npz[name] for name in npz.files if name != MANIFEST}
-        manifest = json.loads(str(npz[MANIFEST]))
-    if manifest.get("format") == FORMAT and manifest.get("sha256") != export_digest(arrays, manifest):
+        arrays = {name: npz[name] for name in npz.files if name not in (MANIFEST, DIGEST)}
+        text = str(npz[MANIFEST])
+        digest = str(npz[DIGEST]) if DIGEST in npz.files else None
+    manifest = json.loads(text)
+    if manifest.get("format") == FORMAT and digest != export_digest(arrays, text):
         raise UserError(f"{path}: its arrays or manifest differ from what was exported (edited or damaged since);"
                         " export the run again")
     return arrays, manifest

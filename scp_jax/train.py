@@ -106,11 +106,12 @@ def prepare_run_dir(out, resume=False):
         raise UserError(f"{run_dir}: run dir already holds files; pick another --out")
     created = [path for path in run_dir.parents if not path.exists()]
     try:
-        if out:
-            created[:0] = [] if run_dir.exists() else [run_dir]
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not out:
             run_dir = _claim_free_name(run_dir)
+            created.insert(0, run_dir)
+        elif not run_dir.exists():
+            run_dir.mkdir()
             created.insert(0, run_dir)
         probe = run_dir / ".write-test"
         probe.write_bytes(b"\0" * 1024)
@@ -123,13 +124,14 @@ def prepare_run_dir(out, resume=False):
 def _claim_free_name(run_dir):
     """`run_dir`, or with -2, -3, ... appended where another run took it, made with an exclusive mkdir:
     two runs never share one."""
-    for suffix in ("", *(f"-{i}" for i in range(2, 10_000))):
+    for suffix in ("", *(f"-{i}" for i in range(2, 1000))):
+        claimed = run_dir.with_name(run_dir.name + suffix)
         try:
-            (claimed := run_dir.with_name(run_dir.name + suffix)).mkdir(parents=True)
+            claimed.mkdir()
             return claimed
         except FileExistsError:
             continue
-    raise UserError(f"{run_dir}: 10,000 runs started in this second; pass --out")
+    raise UserError(f"{run_dir}: 999 runs started in this second; pass --out")
 
 
 def discard_start(run_dir, created, with_metrics=False):

@@ -275,6 +275,7 @@ def copy_checkpoints(runs, tmp_path):
     (lambda step: (step / "state" / "_METADATA").unlink(), r"6: checkpoint step 6 is missing file state/_METADATA"),
     # Orbax reads every step's metrics as it opens the checkpoints: this failed with a traceback
     (lambda step: (step / "metrics" / "metrics").write_text(""), r"6/metrics/metrics: checkpoint step 6 is corrupted"),
+    (lambda step: (step / "metrics" / "metrics").write_text("[1]"), r"6/metrics/metrics: .* corrupted \(no mean_val_mrrmse"),
     (lambda step: [f.write_bytes(b"\0" * 16) for f in (step / "state" / "d").iterdir()], r"6: checkpoint step 6 is corrupted .*state/"),
     # the arrays' data: Orbax wraps TensorStore's error (which names the file) in a plain Exception
     (lambda step: [f.write_bytes(f.read_bytes()[:10]) for f in (step / "state" / "ocdbt.process_0" / "d").iterdir()],
@@ -286,6 +287,14 @@ def test_corrupted_checkpoint_is_one_line_error(runs, tmp_path, cli_error, damag
     damage(copy_checkpoints(runs, tmp_path) / "6")
     error = cli_error(export_main, [tmp_path, "--out", tmp_path / "m.npz"])
     assert re.search(message, error), error
+
+
+def test_a_step_without_metrics_exports(runs, tmp_path):
+    """As a step saved before steps had metrics, or one a saving run is deleting meanwhile: not corrupted."""
+    from scp_jax.export import export_run
+
+    (copy_checkpoints(runs, tmp_path) / "6" / "metrics" / "metrics").unlink()
+    assert export_run(tmp_path)[1]["epoch"] == 6
 
 
 def test_missing_checkpoint_or_run_dir_is_one_line_error(tmp_path, cli_error):

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from scp_jax.config import changed_keys, load_config, parse_config, to_toml
+from scp_jax.config import changed_keys, load_config, parse_config, run_data_config, to_toml
 from scp_jax.errors import UserError
 
 
@@ -75,6 +75,18 @@ def test_a_bad_value_of_a_config_file_alone_names_the_file(tmp_path):
         load_config(tmp_path / "config.toml")
     with pytest.raises(UserError, match=re.escape("config: epochs must be int, got 'x'")):  # file or --set: either
         load_config(tmp_path / "config.toml", ["ensemble=2"])
+
+
+def test_a_run_dir_made_by_an_older_version_still_names_its_data(tmp_path):
+    """A pseudo-label run with keep = "best" (refused since its labels leaked) is refused on --resume, but
+    `predict RUN_DIR` still finds its id map."""
+    (tmp_path / "config.toml").write_text('[data]\ntrain = "/d/de_train.parquet"\n[pseudo_labels]\nenabled = true\n')
+    assert run_data_config(tmp_path).train == "/d/de_train.parquet"
+    with pytest.raises(UserError, match="config.toml: pseudo_labels.enabled needs keep = 'last'"):
+        load_config(tmp_path / "config.toml")
+    (tmp_path / "config.toml").write_text('data = 3\n')
+    with pytest.raises(UserError, match="config.toml: data must be a table"):
+        run_data_config(tmp_path)
 
 
 def test_unreadable_config_file_is_one_line_user_error(tmp_path):

@@ -140,12 +140,14 @@ def test_unclean_names_and_control_flags(cli_error, world, column, value, messag
     cli_error(main, ["check", path], message)
 
 
-def test_compound_with_and_without_smiles(cli_error, world):
+@pytest.mark.parametrize("emptied", [0, 1])
+def test_compound_with_and_without_smiles(cli_error, world, emptied):
     frame = pd.read_parquet(world / "de_train.parquet")
     name = frame["sm_name"].iloc[0]
-    second = int(np.flatnonzero(frame["sm_name"] == name)[1])
-    path = rewrite_train(world, lambda f: f.assign(SMILES=f["SMILES"].where(f.index != second, None)))
-    cli_error(main, ["check", path], f"compound {name!r} has SMILES at row 0 and an empty one at row {second}")
+    rows = [0, int(np.flatnonzero(frame["sm_name"] == name)[1])]
+    path = rewrite_train(world, lambda f: f.assign(SMILES=f["SMILES"].where(f.index != rows[emptied], None)))
+    cli_error(main, ["check", path], f"compound {name!r} has SMILES at row {rows[1 - emptied]} and an empty one at"
+                                     f" row {rows[emptied]}")
 
 
 def test_duplicate_row(cli_error, world):

@@ -89,12 +89,22 @@ def open_manager(directory, config=None, clean=False):
     )
     handlers = {STATE: ocp.StandardCheckpointHandler(), TABLES: ocp.StandardCheckpointHandler(),
                 METADATA: ocp.JsonCheckpointHandler()}
-    for step in complete_steps(directory):  # the manager reads every step's metrics as it opens
-        metrics = Path(directory) / str(step) / "metrics" / "metrics"
-        with corruption_guard(metrics, step):
-            if metrics.is_file():
-                json.loads(metrics.read_bytes())
+    for step in complete_steps(directory):
+        _check_metrics(Path(directory) / str(step) / "metrics" / "metrics", step)
     return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers, options=options)
+
+
+def _check_metrics(path, step):
+    """The manager reads every step's metrics as it opens, and a damaged file failed there with a
+    traceback. A step without one (older, or being deleted by a run that is saving) has no score."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return
+    with corruption_guard(path, step):
+        metrics = json.loads(text)
+        if not isinstance(metrics, dict) or not isinstance(metrics.get(SCORE), float | int):
+            raise ValueError(f"no {SCORE} in {text[:100]!r}")
 
 
 def kept_steps(directory):
