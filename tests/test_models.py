@@ -142,3 +142,33 @@ def test_numpy_predictor_refuses_what_it_cannot_run():
         Predictor({"members.best_epoch": np.array([3, -1])}, manifest).predict(np.zeros(1, int), np.zeros(1, int), "max")
     with pytest.raises(ValueError, match="not an scp-jax-npz/3 export .format 'scp-jax-npz/2'.; export the run again"):
         Predictor({}, {**manifest, "format": "scp-jax-npz/2"})
+
+
+def test_factorized_prediction_of_a_whole_id_map_at_full_size_equals_numpy():
+    """20 members x 255 rows x 18,211 genes through the vmapped model, as the engine predicts a
+    submission, equal a float64 numpy forward. XLA:CPU's YNN fusions (jaxlib 0.10) gave every Myeloid
+    row the B cells' size here (scp_jax/__init__.py turns them off); with 4 members, one row at a time,
+    or 64 genes, it was right."""
+    from scp_jax.models.factorized import Factorized
+
+    members, rows, genes, layout = 20, 255, 18211, (6, 146, 0, 0)
+    graphdef, _ = nnx.split(Factorized(layout, genes, row_scale=True, rngs=nnx.Rngs(0)), nnx.Param)
+    states = []
+    for m in range(members):
+        model = Factorized(layout, genes, row_scale=True, rngs=nnx.Rngs(m))
+        model.cell_log_scale[...] = jax.random.normal(jax.random.key(10 + m), (6,))
+        states.append(nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    cells = np.where(np.arange(rows) < 128, 0, 1)  # B cells, then Myeloid, as in the id map
+    compounds = np.random.default_rng(0).integers(0, 146, rows)
+    x = np.concatenate([np.eye(6)[cells], np.eye(146)[compounds]], axis=1).astype(np.float32)
+    got = np.asarray(jax.jit(jax.vmap(lambda p, x: nnx.merge(graphdef, p)(x), in_axes=(0, None)))(params, x))
+    got, checked = got[..., :256], slice(0, 256)  # every gene is predicted (the bug needs them); 256 are checked
+
+    p = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), nnx.to_pure_dict(params))
+    h = ((np.eye(6)[cells] @ p["cell"]["kernel"] + p["cell"]["bias"][:, None])
+         * (np.eye(146)[compounds] @ p["compound"]["kernel"] + p["compound"]["bias"][:, None]))
+    cap = np.exp(p["log_cap"])[:, None, None]
+    want = cap * np.tanh(h @ p["loadings"]["kernel"][..., checked] / cap) + p["offset"][:, None, checked]
+    want *= np.exp(p["cell_log_scale"][:, cells] + p["pair_log_scale"][:, cells, compounds])[..., None]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
