@@ -10,5 +10,6 @@ import os
 # backend, which costs the default recipe about a fifth of its CPU speed; a choice of the user's in
 # XLA_FLAGS is left alone, and GPUs never use them. tests/test_models.py checks it at full size.
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
-if importlib.metadata.version("jaxlib").startswith("0.10.") and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_OFF}".strip()
+_flags = os.environ.get("XLA_FLAGS", "")
+if importlib.metadata.version("jaxlib").startswith("0.10.") and "ynn_fusion_type" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} {YNN_OFF}".strip()
