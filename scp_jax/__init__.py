@@ -10,6 +10,17 @@ import os
 # backend, which costs the default recipe about a fifth of its CPU speed; a choice of the user's in
 # XLA_FLAGS is left alone, and GPUs never use them. tests/test_models.py checks it at full size.
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def _jaxlib_version():
+    """jaxlib's version, read without importing it (importing jax reads XLA_FLAGS); "" when not installed,
+    which `import jax` then reports."""
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 _flags = os.environ.get("XLA_FLAGS", "")
-if importlib.metadata.version("jaxlib").startswith("0.10.") and "ynn_fusion_type" not in _flags:
+if _jaxlib_version().startswith("0.10.") and "ynn_fusion_type" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} {YNN_OFF}".strip()
