@@ -74,17 +74,25 @@ def test_mixed_loss_is_the_weighted_sum_of_references():
 
 def test_the_l2_prior_covers_dense_kernels_and_biases_only():
     """MLP with LayerNorm: the norms are free. Factorized: both embeddings (biases included, else the
-    CP scale could slip out through them) and the loadings; the offset and the cap are free."""
+    CP scale could slip out through them) and the loadings; the offset and the cap are free. A layer
+    is covered for its type, not its name: a LayerNorm called `ln` stays free, a Linear called
+    `denorm` does not."""
     from flax import nnx
 
     from scp_jax.models.factorized import Factorized
     from scp_jax.models.mlp import MLP
 
+    class Named(nnx.Module):
+        def __init__(self, rngs):
+            self.ln = nnx.LayerNorm(3, bias_init=nnx.initializers.ones, rngs=rngs)
+            self.denorm = nnx.Linear(3, 2, bias_init=nnx.initializers.ones, rngs=rngs)
+
     mlp = MLP(5, (4, 3), 2, layer_norm=True, rngs=nnx.Rngs(0))
     factorized = Factorized((3, 4, 0, 0), 7, rank=2, rngs=nnx.Rngs(0))
     factorized.offset[...] = jnp.full(7, 5.0)
-    for model, dense in ((mlp, [*mlp.layers, mlp.head]), (factorized, [factorized.cell, factorized.compound,
-                                                                     factorized.loadings])):
+    named = Named(nnx.Rngs(0))
+    for model, dense in ((mlp, [*mlp.layers, mlp.head]), (named, [named.denorm]),
+                         (factorized, [factorized.cell, factorized.compound, factorized.loadings])):
         want = sum(np.sum(np.asarray(getattr(layer, name)[...], np.float64) ** 2)
                    for layer in dense for name in ("kernel", "bias") if getattr(layer, name, None) is not None)
-        np.testing.assert_allclose(dense_weight_norm(nnx.state(model, nnx.Param)), want, rtol=1e-6)
+        np.testing.assert_allclose(dense_weight_norm(model), want, rtol=1e-6)

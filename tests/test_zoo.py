@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from scp_jax.config import MODEL_KINDS, load_config
 from scp_jax.engine.cv import make_folds
@@ -113,7 +114,8 @@ def test_epoch_train_loss_is_the_weighted_mean_of_its_rows_losses_and_the_prior(
     for member, fold in enumerate(folds):
         targets = np.concatenate([train.targets, result.pseudo_targets[fold]]).astype(np.float64)
         weights = np.concatenate([result.folds.train_masks()[fold], np.full(len(queries.cell_index), 0.25)])
-        prior = 3.0 * float(dense_weight_norm(jax.tree.map(lambda x: x[member], result.state.params)))
+        member_params = jax.tree.map(lambda x: x[member], result.state.params)
+        prior = 3.0 * float(dense_weight_norm(nnx.merge(engine.graphdef, member_params)))
         want = np.average(np.mean((preds[member] - targets) ** 2, axis=1), weights=weights)
         want += prior / (np.sum(weights) * train.targets.shape[1])
         np.testing.assert_allclose(losses[0][member], want, rtol=1e-5, err_msg=f"member {member}")

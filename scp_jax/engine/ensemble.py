@@ -43,12 +43,17 @@ class Data:
     fit_targets: jnp.ndarray | None = None  # [n, genes] what the loss fits, if not `targets` (t-statistics)
     component_targets: jnp.ndarray | None = None  # [slots, n + q, k] for a loss on SVD components
 
+    @property
+    def loss_targets(self):
+        """[n, genes] what the loss fits for the real rows."""
+        return self.targets if self.fit_targets is None else self.fit_targets
+
     def row_targets(self, fold, rows):
         """What the loss fits for rows, as fold `fold`'s members see them: pseudo rows (index >= n) take
         that fold's labels; with component targets, their encoding by that fold's basis."""
         if self.component_targets is not None:
             return self.component_targets[fold][rows]
-        fit = self.targets if self.fit_targets is None else self.fit_targets
+        fit = self.loss_targets
         n = fit.shape[0]
         real = fit[jnp.minimum(rows, n - 1)]
         if self.pseudo_targets is None:
@@ -59,7 +64,7 @@ class Data:
     def with_component_targets(self):
         """For a loss on SVD components: every row's fit target encoded by every slot's basis, once, and
         not at each step, where it cost a [batch, genes] x [genes, k] product per member."""
-        fit = self.targets if self.fit_targets is None else self.fit_targets
+        fit = self.loss_targets
         slots = range(self.decoder.basis.shape[0])
         rows = [fit if self.pseudo_targets is None else jnp.concatenate([fit, self.pseudo_targets[s]]) for s in slots]
         encoded = jnp.stack([self.decoder.encode(s, r) for s, r in zip(slots, rows)])
@@ -76,7 +81,7 @@ class MemberSpec:
     train_mask: jnp.ndarray  # [n + pseudo rows] bool
     val_rows: jnp.ndarray  # [v] row indices, padded to the largest validation set
     val_weight: jnp.ndarray  # [v] 1 for a real validation row, 0 for padding
-    hparams: dict  # name -> scalar (see config.HYPERPARAMETERS)
+    hparams: dict  # name -> scalar: config.HYPERPARAMETERS, and total_steps (its schedule's length)
 
 
 @struct.dataclass
@@ -167,8 +172,7 @@ class Ensemble:
 
     def _init_member(self, spec):
         params = nnx.state(self._make(self.member_key(spec, _INIT)), nnx.Param)
-        hparams = {k: spec.hparams[k] for k in optim.OPTIMIZER_INPUTS}
-        opt_state = optim.init(params, **hparams)  # moments take the parameters' dtype
+        opt_state = optim.init(params, **spec.hparams)  # moments take the parameters' dtype
         return MemberState(
             params=params,
             opt_state=opt_state,
@@ -210,7 +214,7 @@ class Ensemble:
             pred = data.decoder.decode(spec.fold, pred)
         loss = jnp.sum(self.loss(pred, target) * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
         if "l2" in self.options:  # the loss is a mean over the member's weighted rows and outputs: so is the prior
-            loss = loss + spec.hparams["l2"] * dense_weight_norm(params) / (row_mass * pred.shape[-1])
+            loss = loss + spec.hparams["l2"] * dense_weight_norm(nnx.merge(self.graphdef, params)) / (row_mass * pred.shape[-1])
         return loss
 
     def _epoch(self, state, spec, data, steps, trained=None):

@@ -8,6 +8,9 @@ robust losses, lets the heavy-tailed -log10 p-values pull less than MSE does.
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from scp_jax.models import DENSE_LAYERS
 
 
 def mse(pred, target):
@@ -50,19 +53,23 @@ def scale_free(pred, target):
     return mse(a * pred, target)
 
 
-def dense_weight_norm(params):
-    """Sum of squares of every dense layer's kernel and bias: what `optim.l2` puts a Gaussian prior on.
+def dense_weight_norm(model):
+    """Sum of squares of the kernel and bias of every dense layer of `model` (models.DENSE_LAYERS):
+    what `optim.l2` puts a Gaussian prior on.
 
     Unlike AdamW's decoupled weight decay, the prior is part of the loss, so it weighs against the
     data as a prior would: a weight the data barely determines (a compound's embedding in a direction
-    its cell types hardly see) is pulled to zero, a well-determined one hardly moves. LayerNorm
-    parameters and a factorized model's offset and cap are not dense weights and stay free.
+    its cell types hardly see) is pulled to zero, a well-determined one hardly moves. Norm layers'
+    parameters, embeddings such as a transformer's positions, and a factorized model's offset, cap
+    and sizes are not dense weights and stay free.
     """
     total = 0.0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]  # not Param's .value
-        if names[-1] in ("kernel", "bias") and not any("norm" in name for name in names):
-            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, DENSE_LAYERS):
+            for name in ("bias", "kernel"):  # the order of the parameter tree's leaves
+                leaf = getattr(node, name, None)
+                if leaf is not None:
+                    total = total + jnp.sum(jnp.square(leaf[...].astype(jnp.float32)))
     return total
 
 

@@ -5,14 +5,18 @@ A model kind is a module here, a branch in `build_model`, its name in `config.MO
 new `ModelConfig` keys and their checks, and its size keys in `Config.size_settings`). What the engine
 asks of it: `__call__(x, *, dropout_rate=0.0, key=None)` maps [..., features] to float32 [..., outputs]
 and mixes no rows (tests/test_models.py checks every kind); dense layers are `nnx.Linear` (or
-`models.linear.Linear`, which `lowrank_grads` needs), and the `optim.l2` prior covers every `kernel`
-and `bias` outside a module whose name holds "norm" (engine/losses.py).
+`models.linear.Linear`, which `lowrank_grads` needs), and the `optim.l2` prior covers the kernel and
+bias of every module of a `DENSE_LAYERS` type (engine/losses.py), whatever its name.
 """
+
+from flax import nnx
 
 from scp_jax.models.factorized import Factorized
 from scp_jax.models.mlp import MLP, ResMLP
 from scp_jax.models.sequence import CNN, Recurrent, Transformer
 from scp_jax.precision import compute_dtype, param_dtype
+
+DENSE_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)  # models.linear.Linear is an nnx.Linear
 
 
 def build_model(config, layout, out_features, rngs):
