@@ -25,7 +25,7 @@ cat "$OUT/lowrank-check-gpu.log"
 timeout 300 python3 benchmarks/throughput.py --budget-s "${BUDGET_S:-240}" --variants "$VARIANTS" \
   --out "$OUT/throughput-gpu.json" "$@" 2>&1 | tee "$OUT/throughput-gpu.log"
 # Last, so a lease that runs out loses only this: the default recipe end to end through the CLI, as
-# `python -m scp_jax.train` runs it (2317 s on 2 CPU cores), scored on the hidden truth. --quick: a
+# `python -m scp_jax.train` runs it (1922 s on 2 CPU cores), scored on the hidden truth. --quick: a
 # token run of it.
 ACCURACY=(--recipes default --name accuracy-gpu --results "$OUT")
 [[ " $* " == *" --quick "* ]] && ACCURACY+=(--ensemble 2 --set epochs=4 --set epochs_per_chunk=4 --set checkpoint_every=4)

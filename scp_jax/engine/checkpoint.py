@@ -241,16 +241,12 @@ def run_metadata(config, train, members, fingerprint):
 
 def run_tables(tables, train, decoder=None):
     """Everything array-shaped that export needs besides parameters (host numpy)."""
-    named = {f"features.{name}": np.asarray(value) for name, value in flatten_tables(tables).items()}
+    named = {f"features.{name}": np.asarray(value) for name, value in flatten(tables).items()}
     if decoder is not None:
         named["decoder.mean"], named["decoder.basis"] = np.asarray(decoder.mean), np.asarray(decoder.basis)
     named["clip_min"] = train.targets.min(axis=0)
     named["clip_max"] = train.targets.max(axis=0)
     return named
-
-
-def flatten_tables(tables):
-    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tables)[0]}
 
 
 class Checkpointer:

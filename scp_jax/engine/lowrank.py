@@ -27,7 +27,7 @@ from scp_jax.precision import store
 HIGHEST = jax.lax.Precision.HIGHEST
 # A program's tile of W (rows, columns) and its warps: 2048 elements, 16 per thread and array, so
 # the registers leave room for several programs per SM to keep loads in flight. Read when a program
-# is traced; benchmarks/throughput.py --tiles times others (untimed so far: no GPU session yet).
+# is traced; benchmarks/throughput.py --tiles times others (no GPU has run them yet).
 TILE = (32, 64, 4)
 FUSED_ROWS = 64  # more rows and the factors' tiles outgrow shared memory: XLA forms x^T dy instead
 

@@ -38,10 +38,11 @@ class OptimizerState(NamedTuple):
 
 
 def init(params, **hyperparams):
-    """`hyperparams`: OPTIMIZER_INPUTS values (optimizer/schedule as indices into config.OPTIMIZERS/SCHEDULES)."""
+    """Zero moments like `params`; of `hyperparams` (a member's), the OPTIMIZER_INPUTS are kept, with the
+    optimizer and schedule as indices into config.OPTIMIZERS and SCHEDULES."""
     hyperparams = {k: jnp.asarray(hyperparams[k], jnp.float32) for k in OPTIMIZER_INPUTS}
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return OptimizerState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params), hyperparams)
+    mu, nu = (jax.tree.map(jnp.zeros_like, params) for _ in range(2))
+    return OptimizerState(jnp.zeros([], jnp.int32), mu, nu, hyperparams)
 
 
 def _anneal(start, end, fraction):

@@ -181,8 +181,9 @@ def _fit_folds(config, train, folds):
 
 def _run_chunks(config, engine, state, epoch, specs, data, steps, n_members, on_chunk, checkpointer):
     """The host loop: compiled chunks of epochs from `epoch` on, metrics and checkpoints between them."""
-    # A run restored after every member stopped (early stopping) has nothing left to train.
-    for end in chunk_ends(config, epoch) if (to_host(state.stopped_at)[:n_members] < 0).any() else ():
+    if (to_host(state.stopped_at)[:n_members] >= 0).all():  # restored after every member stopped early
+        return state
+    for end in chunk_ends(config, epoch):
         start = time.perf_counter()
         with out_of_memory_hint(config, n_members):
             state, metrics = engine.train_chunk(state, specs, data, end - epoch, steps)
